@@ -1,0 +1,108 @@
+"""Parameter and multiply-accumulate counts, computed from shapes alone (`jax.eval_shape`, nothing compiled).
+
+MACs follow the ResNeXt/ShuffleNet papers and torchvision's "GFLOPS": one multiply-add of a convolution or dense
+layer counts once; BatchNorm, activations, pooling and additions are not counted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gconv.layers import GroupedConv
+
+__all__ = ["count_params", "count_flops", "layer_costs", "LayerCost", "breakdown", "preserving_width"]
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a pytree of arrays (or `jax.ShapeDtypeStruct`s)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+    path: str  # module path, e.g. "stage2/block0/conv_group"
+    kind: str  # stem, dense_1x1, dense_kxk, grouped, depthwise or head
+    params: int
+    macs: int
+
+
+def _kind(module: nn.Module, c_in: int) -> str:
+    path = "/".join(module.scope.path)
+    if isinstance(module, nn.Dense):
+        return "head"
+    if "stem" in path:
+        return "stem"
+    if module.groups > 1:
+        return "depthwise" if module.groups == c_in else "grouped"
+    return "dense_1x1" if math.prod(module.kernel_size) == 1 else "dense_kxk"
+
+
+def layer_costs(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any) -> list[LayerCost]:
+    """Per-layer parameters and MACs of every conv and dense layer, in call order.
+
+    `input_shape`: `(H, W, C)` for one image, or `(N, H, W, C)` for a batch of N (MACs scale with N).
+    """
+    shape = tuple(input_shape)
+    if len(shape) == 3:
+        shape = (1,) + shape
+    records: list[LayerCost] = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, (GroupedConv, nn.Dense)):
+            return out
+        c_in = args[0].shape[-1]
+        if isinstance(module, GroupedConv):
+            fan_in = math.prod(module.kernel_size) * (c_in // module.groups)
+        else:
+            fan_in = c_in
+        params = fan_in * out.shape[-1] + (out.shape[-1] if module.use_bias else 0)
+        records.append(LayerCost("/".join(module.scope.path), _kind(module, c_in), params, math.prod(out.shape) * fan_in))
+        return out
+
+    def init():
+        with nn.intercept_methods(interceptor):
+            return model.init(jax.random.PRNGKey(0), jnp.zeros(shape, jnp.float32), **call_kwargs)
+
+    jax.eval_shape(init)
+    return records
+
+
+def count_flops(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any) -> int:
+    """Multiply-accumulates of one forward pass over `input_shape` (`(H, W, C)` = one image)."""
+    return sum(layer.macs for layer in layer_costs(model, input_shape, **call_kwargs))
+
+
+def breakdown(model: nn.Module, input_shape: Sequence[int], depth: int = 1) -> dict[tuple[str, str], dict[str, int]]:
+    """Params and MACs summed per (group of the path's first `depth` parts, kind): `{("stage2", "grouped"): ...}`."""
+    table: dict[tuple[str, str], dict[str, int]] = {}
+    for layer in layer_costs(model, input_shape):
+        key = ("/".join(layer.path.split("/")[:depth]) if "/" in layer.path else "top", layer.kind)
+        entry = table.setdefault(key, {"params": 0, "macs": 0})
+        entry["params"] += layer.params
+        entry["macs"] += layer.macs
+    return table
+
+
+def _block_params(channels: int, cardinality: int, width: int) -> int:
+    inner = cardinality * width
+    return channels * inner + 9 * inner * width + inner * channels  # 1x1 reduce, 3x3 grouped, 1x1 expand
+
+
+def preserving_width(cardinality: int, channels: int = 256, base_width: int = 64) -> int:
+    """Bottleneck width d that keeps a ResNeXt block at the complexity of the ResNet block of width `base_width`.
+
+    The block `channels -> C*d (1x1) -> C*d (3x3, C groups) -> channels` has `C*d*(2*channels + 9*d)` weights;
+    d is the integer bringing that closest to the `C=1, d=base_width` block (ResNeXt paper Table 2: with the
+    defaults, ~70k weights, and C = 1, 2, 4, 8, 32 give d = 64, 40, 24, 14, 4).
+    """
+    if cardinality < 1:
+        raise ValueError(f"cardinality={cardinality} must be >= 1.")
+    target = _block_params(channels, 1, base_width)
+    return min(range(1, base_width + 1), key=lambda d: (abs(_block_params(channels, cardinality, d) - target), d))

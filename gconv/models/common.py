@@ -1,0 +1,53 @@
+"""Pieces every model shares: the conv/norm factories and PyTorch-style pooling."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gconv.layers import GroupedConv
+
+ModuleDef = Callable[..., nn.Module]
+
+
+def torch_padding(kernel: int, dilation: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Symmetric padding `k // 2` as PyTorch models use it; "SAME" pads stride-2 convs differently."""
+    p = dilation * (kernel - 1) // 2
+    return ((p, p), (p, p))
+
+
+def conv_factory(dtype: Any, param_dtype: Any) -> ModuleDef:
+    """Bias-free grouped conv with PyTorch's padding: `conv(features, k, groups=1, strides=1, name=...)`."""
+
+    def conv(features: int, kernel: int, *, groups: int = 1, strides: int = 1, name: str) -> GroupedConv:
+        return GroupedConv(features, (kernel, kernel), groups=groups, strides=strides, padding=torch_padding(kernel),
+                           use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name)
+
+    return conv
+
+
+def norm_factory(train: bool, momentum: float, epsilon: float, dtype: Any, param_dtype: Any,
+                 axis_name: str | None) -> ModuleDef:
+    """BatchNorm with batch statistics in training (synchronised over `axis_name` when set)."""
+    return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon,
+                             dtype=dtype, param_dtype=param_dtype, axis_name=axis_name)
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """`nn.MaxPool2d(3, 2, padding=1)`. `x: (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), C)`."""
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def avg_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """`nn.AvgPool2d(3, 2, padding=1)` (zero padding counted, as PyTorch's default)."""
+    return nn.avg_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), count_include_pad=True)
+
+
+def classifier(x: jax.Array, num_classes: int, dtype: Any, param_dtype: Any) -> jax.Array:
+    """Global average pool + dense head. `x: (N, H, W, C) -> (N, num_classes)` float32 logits."""
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(num_classes, dtype=dtype, param_dtype=param_dtype, name="head")(x)
+    return x.astype(jnp.float32)

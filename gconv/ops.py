@@ -1,0 +1,193 @@
+"""Pure-functional grouped convolution and channel shuffle.
+
+Layouts are channel-last throughout: activations `(N, *spatial, C)` and kernels `(*window, C_in // groups, C_out)`
+(Flax's layout). Every function composes with `jit`, `vmap`, `grad` and `shard_map`; every check runs on static
+shapes, so bad input raises `ValueError` before XLA sees it.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IntOrSeq = Union[int, Sequence[int]]
+Padding = Union[str, int, Sequence[int], Sequence[tuple[int, int]]]
+
+__all__ = [
+    "grouped_conv",
+    "grouped_conv_reference",
+    "channel_shuffle",
+    "channel_unshuffle",
+    "shuffle_permutation",
+    "normalize_padding",
+]
+
+
+def _per_dim(value: IntOrSeq, nd: int, name: str) -> tuple[int, ...]:
+    """An int or a length-`nd` sequence of positive ints, as a tuple."""
+    values = (value,) * nd if isinstance(value, int) else tuple(value)
+    if len(values) != nd or not all(isinstance(v, int) and v >= 1 for v in values):
+        raise ValueError(
+            f"{name}={value!r} is not valid for {nd} spatial dim(s): pass a positive int or {nd} positive ints.")
+    return values
+
+
+def normalize_padding(padding: Padding, nd: int) -> str | tuple[tuple[int, int], ...]:
+    """"SAME"/"VALID" (any case), an int, `nd` ints or `nd` (low, high) pairs -> a string or `nd` pairs."""
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"padding={padding!r} is not valid: use 'SAME', 'VALID', an int or (low, high) pairs.")
+        return padding.upper()
+    if isinstance(padding, int):
+        return ((padding, padding),) * nd
+    pads = tuple(padding)
+    if len(pads) == nd and all(isinstance(p, int) for p in pads):
+        return tuple((p, p) for p in pads)
+    if len(pads) == nd and all(len(p) == 2 and all(isinstance(q, int) for q in p) for p in pads):
+        return tuple((int(lo), int(hi)) for lo, hi in pads)
+    raise ValueError(
+        f"padding={padding!r} is not valid for {nd} spatial dim(s): use 'SAME', 'VALID', an int, "
+        f"{nd} ints or {nd} (low, high) pairs.")
+
+
+def _check_conv_args(x: jax.Array, kernel: jax.Array, groups: int) -> int:
+    """Validates shapes for a grouped conv; returns the number of spatial dims."""
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups={groups!r} must be a positive int (1 = dense, C_in = depthwise).")
+    nd = kernel.ndim - 2
+    if nd not in (1, 2, 3):
+        raise ValueError(
+            f"kernel has shape {kernel.shape}: expected (*window, C_in // groups, C_out) with 1, 2 or 3 window dims.")
+    if x.ndim != kernel.ndim:
+        raise ValueError(
+            f"x has rank {x.ndim} (shape {x.shape}) but kernel {kernel.shape} has {nd} window dim(s): "
+            f"x must be (N, *spatial, C_in) of rank {nd + 2}.")
+    c_in, k_in, c_out = x.shape[-1], kernel.shape[-2], kernel.shape[-1]
+    if c_in % groups:
+        raise ValueError(
+            f"C_in={c_in} is not divisible by groups={groups}: use a groups that divides {c_in} "
+            f"(one of {[g for g in range(1, c_in + 1) if c_in % g == 0]}).")
+    if c_out % groups:
+        raise ValueError(
+            f"C_out={c_out} is not divisible by groups={groups}: C_out must be a multiple of groups "
+            f"(e.g. {groups * max(1, round(c_out / groups))}).")
+    if k_in != c_in // groups:
+        raise ValueError(
+            f"kernel in-channel axis is {k_in} but C_in // groups = {c_in} // {groups} = {c_in // groups}: "
+            f"the kernel must have shape (*window, {c_in // groups}, C_out).")
+    return nd
+
+
+def _dimension_numbers(nd: int) -> lax.ConvDimensionNumbers:
+    spatial = tuple(range(1, nd + 1))
+    return lax.ConvDimensionNumbers(
+        lhs_spec=(0, nd + 1) + spatial,  # (N, *spatial, C)
+        rhs_spec=(nd + 1, nd) + tuple(range(nd)),  # (*window, I, O)
+        out_spec=(0, nd + 1) + spatial)
+
+
+def grouped_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    groups: int,
+    *,
+    strides: IntOrSeq = 1,
+    padding: Padding = "SAME",
+    dilation: IntOrSeq = 1,
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: jnp.dtype | None = None,
+) -> jax.Array:
+    """Grouped convolution: `groups` independent convolutions over disjoint channel slices.
+
+    Args:
+      x: `(N, *spatial, C_in)`.
+      kernel: `(*window, C_in // groups, C_out)`; output channels `[j * C_out/groups, (j+1) * C_out/groups)`
+        see only input channels of group `j`. `groups == C_in` is depthwise (`C_out` = multiplier * C_in).
+      groups: number of groups; must divide `C_in` and `C_out`.
+      strides, dilation: int or one int per spatial dim (`dilation` dilates the kernel).
+      padding: "SAME", "VALID", an int, one int per dim, or one `(low, high)` pair per dim.
+    Returns:
+      `(N, *spatial_out, C_out)`.
+    """
+    nd = _check_conv_args(x, kernel, groups)
+    return lax.conv_general_dilated(
+        x, kernel,
+        window_strides=_per_dim(strides, nd, "strides"),
+        padding=normalize_padding(padding, nd),
+        rhs_dilation=_per_dim(dilation, nd, "dilation"),
+        dimension_numbers=_dimension_numbers(nd),
+        feature_group_count=groups,
+        precision=precision,
+        preferred_element_type=preferred_element_type)
+
+
+def grouped_conv_reference(
+    x: jax.Array,
+    kernel: jax.Array,
+    groups: int,
+    *,
+    strides: IntOrSeq = 1,
+    padding: Padding = "SAME",
+    dilation: IntOrSeq = 1,
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: jnp.dtype | None = None,
+) -> jax.Array:
+    """The definition of a grouped conv: split the channels, one dense conv per group, concatenate.
+
+    Same arguments and result as `grouped_conv`; slow, kept as the reference the fast paths are tested against.
+    """
+    nd = _check_conv_args(x, kernel, groups)
+    xs = jnp.split(x, groups, axis=-1)
+    ks = jnp.split(kernel, groups, axis=-1)
+    outs = [
+        lax.conv_general_dilated(
+            xi, ki,
+            window_strides=_per_dim(strides, nd, "strides"),
+            padding=normalize_padding(padding, nd),
+            rhs_dilation=_per_dim(dilation, nd, "dilation"),
+            dimension_numbers=_dimension_numbers(nd),
+            precision=precision,
+            preferred_element_type=preferred_element_type)
+        for xi, ki in zip(xs, ks)
+    ]
+    return jnp.concatenate(outs, axis=-1)
+
+
+def _check_shuffle(channels: int, groups: int) -> None:
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups={groups!r} must be a positive int.")
+    if channels % groups:
+        raise ValueError(
+            f"channel_shuffle: {channels} channels are not divisible by groups={groups}: "
+            f"use a groups that divides {channels}.")
+
+
+def shuffle_permutation(channels: int, groups: int) -> list[int]:
+    """Input channel feeding each output channel of `channel_shuffle` (C=6, g=2 -> [0, 3, 1, 4, 2, 5])."""
+    _check_shuffle(channels, groups)
+    per = channels // groups
+    return [g * per + i for i in range(per) for g in range(groups)]
+
+
+def channel_shuffle(x: jax.Array, groups: int, axis: int = -1) -> jax.Array:
+    """ShuffleNet's channel shuffle: view channels as `(groups, C // groups)`, transpose, flatten.
+
+    Same permutation as `torch.nn.ChannelShuffle(groups)` (there on axis 1): output channel `i * groups + g` is
+    input channel `g * C // groups + i`. `x: (..., C, ...)` with C on `axis`; shape is unchanged.
+    """
+    axis = axis % x.ndim
+    channels = x.shape[axis]
+    _check_shuffle(channels, groups)
+    shape = x.shape
+    x = x.reshape(shape[:axis] + (groups, channels // groups) + shape[axis + 1:])
+    x = jnp.swapaxes(x, axis, axis + 1)
+    return x.reshape(shape)
+
+
+def channel_unshuffle(x: jax.Array, groups: int, axis: int = -1) -> jax.Array:
+    """Inverse of `channel_shuffle(x, groups, axis)`."""
+    channels = x.shape[axis % x.ndim]
+    _check_shuffle(channels, groups)
+    return channel_shuffle(x, channels // groups, axis)

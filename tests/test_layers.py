@@ -1,0 +1,83 @@
+"""gconv.layers: GroupedConv vs flax.linen.Conv, init scale, the three ResNeXt forms, and use from NNX."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gconv import layers, ops
+
+
+def _x(shape, seed=0):
+    return jax.random.normal(jax.random.PRNGKey(seed), shape)
+
+
+@pytest.mark.parametrize("groups,strides,padding", [(1, 1, "SAME"), (4, 2, "VALID"), (8, 1, ((1, 0), (2, 1)))])
+def test_grouped_conv_params_and_output_match_flax_conv(groups, strides, padding):
+    x = _x((2, 9, 9, 8))
+    ours = layers.GroupedConv(16, (3, 3), groups=groups, strides=strides, padding=padding)
+    flax_conv = nn.Conv(16, (3, 3), feature_group_count=groups, strides=strides, padding=padding)
+    variables = ours.init(jax.random.PRNGKey(0), x)
+    flax_variables = flax_conv.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, flax_variables)
+    np.testing.assert_allclose(ours.apply(variables, x), flax_conv.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_default_init_is_he_normal_over_group_fan_in():
+    groups, c_in = 4, 256
+    variables = layers.GroupedConv(512, (3, 3), groups=groups).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, c_in)))
+    fan_in = 3 * 3 * c_in // groups
+    std = float(jnp.std(variables["params"]["kernel"]))
+    assert abs(std - np.sqrt(2.0 / fan_in)) / np.sqrt(2.0 / fan_in) < 0.05
+
+
+def test_dtype_and_param_dtype():
+    conv = layers.GroupedConv(8, (3, 3), groups=2, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    variables = conv.init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5, 4)))
+    assert variables["params"]["kernel"].dtype == jnp.float32
+    assert conv.apply(variables, jnp.ones((1, 5, 5, 4))).dtype == jnp.bfloat16
+
+
+def test_grouped_conv_layer_rejects_bad_groups():
+    with pytest.raises(ValueError, match="groups=3 must divide C_in=8"):
+        layers.GroupedConv(12, (3, 3), groups=3).init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5, 8)))
+
+
+def test_channel_shuffle_module():
+    x = _x((2, 3, 3, 12))
+    np.testing.assert_array_equal(layers.ChannelShuffle(3).apply({}, x), ops.channel_shuffle(x, 3))
+
+
+@pytest.mark.parametrize("cardinality,width", [(1, 8), (4, 3), (8, 2)])
+def test_three_resnext_forms_compute_the_same_function(cardinality, width):
+    """ResNeXt Fig. 3: (a) split-transform-sum == (b) split-transform-concat == (c) grouped conv."""
+    x = _x((2, 7, 7, 16))
+    form_c = layers.GroupedTransform(16, cardinality, width)
+    params_c = form_c.init(jax.random.PRNGKey(1), x)["params"]
+    params_c = jax.tree.map(lambda p: p + 0.1 * _x(p.shape, 2), params_c)  # non-zero biases too
+    params_a, params_b = layers.split_transform_params(params_c, cardinality)
+    form_a = layers.SplitTransformSum(16, cardinality, width)
+    form_b = layers.SplitTransformConcat(16, cardinality, width)
+    # The mapped trees have exactly the structure the (a) and (b) modules create themselves.
+    for form, mapped in ((form_a, params_a), (form_b, params_b)):
+        own = form.init(jax.random.PRNGKey(0), x)["params"]
+        assert jax.tree.map(jnp.shape, own) == jax.tree.map(jnp.shape, mapped)
+    y_c = form_c.apply({"params": params_c}, x)
+    np.testing.assert_allclose(form_a.apply({"params": params_a}, x), y_c, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(form_b.apply({"params": params_b}, x), y_c, rtol=1e-4, atol=1e-4)
+    assert float(jnp.std(y_c)) > 0.1  # the comparison is not between zeros
+
+
+def test_use_from_nnx_through_bridge():
+    """A linen GroupedConv inside NNX code: same output as linen with the same parameters, and trainable."""
+    x = _x((2, 8, 8, 8))
+    conv = nnx.bridge.ToNNX(layers.GroupedConv(16, (3, 3), groups=4), rngs=nnx.Rngs(0))
+    nnx.bridge.lazy_init(conv, x)
+    y = conv(x)
+    kernel, bias = jnp.asarray(conv.kernel[...]), jnp.asarray(conv.bias[...])
+    assert kernel.shape == (3, 3, 2, 16)
+    y_linen = layers.GroupedConv(16, (3, 3), groups=4).apply({"params": {"kernel": kernel, "bias": bias}}, x)
+    np.testing.assert_allclose(y, y_linen, rtol=1e-6, atol=1e-6)
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(conv)
+    assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(nnx.state(grads, nnx.Param)))

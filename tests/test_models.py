@@ -1,0 +1,193 @@
+"""Model zoo: exact parameter counts, MACs against torchvision/papers, every name builds, gradients, BN, bf16."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gconv.complexity import breakdown, count_flops, count_params, layer_costs, preserving_width
+from gconv.models import create_model, list_models, model_spec
+
+
+def _abstract_params(model, res=224):
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3))))["params"]
+
+
+# torchvision 0.26 / timm (ResNeXt, ShuffleNet v2) and osmr/imgclsmob's table (ShuffleNet v1), exact.
+PUBLISHED_PARAMS = {
+    "resnext50_32x4d": 25_028_904,
+    "resnext101_32x4d": 44_177_704,
+    "resnext101_32x8d": 88_791_336,
+    "resnext101_64x4d": 83_455_272,
+    "shufflenet_v2_x0_5": 1_366_792,
+    "shufflenet_v2_x1_0": 2_278_604,
+    "shufflenet_v2_x1_5": 3_503_624,
+    "shufflenet_v2_x2_0": 7_393_996,
+    "shufflenet_g1_w1": 1_531_936,
+    "shufflenet_g2_w1": 1_733_848,
+    "shufflenet_g3_w1": 1_865_728,
+    "shufflenet_g4_w1": 1_968_344,
+    "shufflenet_g8_w1": 2_434_768,
+    "shufflenet_g1_w3d4": 975_214,
+    "shufflenet_g3_w3d4": 1_238_266,
+    "shufflenet_g1_wd2": 534_484,
+    "shufflenet_g3_wd2": 718_324,
+    "shufflenet_g1_wd4": 209_746,
+    "shufflenet_g3_wd4": 305_902,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_param_count_equals_published(name):
+    assert count_params(_abstract_params(create_model(name))) == PUBLISHED_PARAMS[name]
+
+
+def test_resnext29_counts_match_paper_table7():
+    # Paper Table 7: 8x64d 34.4M, 16x64d 68.1M (rounded to 0.1M).
+    for name, millions in (("resnext29_8x64d", 34.4), ("resnext29_16x64d", 68.1)):
+        count = count_params(_abstract_params(create_model(name), res=32))
+        assert abs(count / 1e6 - millions) < 0.1, (name, count)
+
+
+def test_resnext50_param_count_arithmetic():
+    """25,028,904 from the block formula, as a check on the counting itself (no model involved)."""
+    total, c_in = 3 * 7 * 7 * 64 + 2 * 64, 64  # stem conv + BN
+    for i, blocks in enumerate((3, 4, 6, 3)):
+        planes, width = 64 * 2**i, 128 * 2**i  # width = planes * 4/64 * 32
+        for j in range(blocks):
+            total += c_in * width + 9 * width * width // 32 + width * 4 * planes  # 1x1, grouped 3x3, 1x1
+            total += 2 * (width + width + 4 * planes)  # three BNs (scale, bias)
+            if j == 0:
+                total += c_in * 4 * planes + 2 * 4 * planes  # projection conv + BN
+            c_in = 4 * planes
+    total += 2048 * 1000 + 1000  # head
+    assert total == 25_028_904
+
+
+@pytest.mark.parametrize("name,gmacs", [("resnext50_32x4d", 4.2305), ("shufflenet_v2_x1_0", 0.1449),
+                                        ("resnext101_32x8d", 16.4140), ("shufflenet_v2_x0_5", 0.0405)])
+def test_flops_within_2_percent_of_torchvision(name, gmacs):
+    assert abs(count_flops(create_model(name), (224, 224, 3)) / 1e9 - gmacs) / gmacs < 0.02
+
+
+@pytest.mark.parametrize("groups,mflops", [(1, 143), (2, 140), (3, 137), (4, 133), (8, 137)])
+def test_shufflenet_v1_complexity_near_paper_table2(groups, mflops):
+    ours = count_flops(create_model(f"shufflenet_g{groups}_w1"), (224, 224, 3)) / 1e6
+    assert abs(ours - mflops) / mflops < 0.035, ours
+
+
+def test_preserving_width_reproduces_resnext_table2():
+    assert [preserving_width(c) for c in (1, 2, 4, 8, 32)] == [64, 40, 24, 14, 4]
+    with pytest.raises(ValueError, match="cardinality=0"):
+        preserving_width(0)
+
+
+def test_breakdown_sums_to_totals():
+    model = create_model("resnext11_8x4d")
+    table = breakdown(model, (32, 32, 3))
+    assert sum(v["macs"] for v in table.values()) == count_flops(model, (32, 32, 3))
+    # Conv/dense weights plus BN parameters (2 per channel) make up every parameter.
+    conv_params = sum(v["params"] for v in table.values())
+    params = _abstract_params(model, 32)
+    bn_params = sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                    if "bn" in jax.tree_util.keystr(path))
+    assert conv_params + bn_params == count_params(params)
+    kinds = {layer.kind for layer in layer_costs(create_model("shufflenet_g3_wd4"), (64, 64, 3))}
+    assert kinds == {"stem", "dense_1x1", "grouped", "depthwise", "head"}
+
+
+def test_registry_lists_the_named_models():
+    names = list_models()
+    for name in ("resnext50_32x4d", "resnext101_32x4d", "resnext101_32x8d", "resnext101_64x4d", "resnext152_32x4d",
+                 "resnext29_8x64d", "resnext29_16x64d", "shufflenet_v2_x1_0", "shufflenet_g8_wd4", "shufflenet_g3_w3d2"):
+        assert name in names
+    assert len(list_models("shufflenet_g*")) == 30
+    assert list_models("resnext101*") == ["resnext101_32x4d", "resnext101_32x8d", "resnext101_64x4d"]
+    assert model_spec("resnext50_2x40d")[1]["cardinality"] == 2  # any CxDd builds
+
+
+def test_unknown_name_and_bad_override_raise():
+    with pytest.raises(ValueError, match="unknown model 'resnext50_32x4'.*resnext50_32x4d"):
+        create_model("resnext50_32x4")
+    with pytest.raises(ValueError, match="unknown model 'resnext42_32x4d'"):
+        create_model("resnext42_32x4d")
+    with pytest.raises(ValueError, match=r"takes no argument\(s\) \['num_class'\].*num_classes"):
+        create_model("shufflenet_v2_x1_0", num_class=10)
+    with pytest.raises(ValueError, match="groups=5 is not in ShuffleNet v1's Table 1"):
+        jax.eval_shape(lambda: create_model("shufflenet_g1_w1", groups=5).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+
+
+def _tiny(name, **kw):
+    """The registered model with one block/unit per stage: same widths and groups, fast to compile."""
+    cls, spec = model_spec(name)
+    return create_model(name, stage_sizes=(1,) * len(spec.get("stage_sizes", (4, 8, 4))), num_classes=7, **kw)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_name_builds_and_runs(name):
+    model = create_model(name, num_classes=7)
+    res = 32
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, res, res, 3))))
+    assert jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, res, res, 3))), abstract).shape == (2, 7)
+    tiny = _tiny(name)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, res, res, 3))
+    variables = jax.jit(tiny.init)(jax.random.PRNGKey(0), x)
+    logits = jax.jit(tiny.apply)(variables, x)
+    assert logits.shape == (2, 7) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def _loss_and_grads(model, variables, x, y):
+    def loss(params):
+        logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                                mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+
+@pytest.mark.parametrize("name", ["resnext11_4x4d", "shufflenet_g3_wd4", "shufflenet_v2_x0_5"])
+def test_every_parameter_receives_a_gradient(name):
+    model = _tiny(name)
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+    y = jnp.arange(4) % 7
+    variables = model.init(jax.random.PRNGKey(0), x)
+    loss, grads = _loss_and_grads(model, variables, x, y)
+    assert np.isfinite(float(loss))
+    dead = [jax.tree_util.keystr(p) for p, g in jax.tree_util.tree_leaves_with_path(grads)
+            if not float(jnp.abs(g).max()) > 0]
+    assert not dead, dead
+
+
+def test_batchnorm_train_vs_eval():
+    model = _tiny("resnext11_4x4d", bn_momentum=0.5)
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(1), (8, 16, 16, 3))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    train_out, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    stats_before = variables["batch_stats"]["stem_bn"]
+    stats_after = updates["batch_stats"]["stem_bn"]
+    assert not np.allclose(stats_before["mean"], stats_after["mean"])  # running stats move in training
+    eval_out = model.apply(variables, x, train=False)
+    assert not np.allclose(train_out, eval_out)  # batch vs running statistics
+    np.testing.assert_array_equal(eval_out, model.apply(variables, x, train=False))  # eval is deterministic
+    with pytest.raises(Exception):  # training without a mutable batch_stats is a mistake, not silently ignored
+        model.apply(variables, x, train=True)
+
+
+@pytest.mark.parametrize("name", ["resnext11_4x4d", "shufflenet_g2_wd2", "shufflenet_v2_x0_5"])
+def test_bf16_compute_with_f32_params(name):
+    model, model16 = _tiny(name), _tiny(name, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    variables = model16.init(jax.random.PRNGKey(0), x)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+    logits16 = jax.jit(model16.apply)(variables, x)
+    logits32 = jax.jit(model.apply)(variables, x)
+    assert logits16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits16)))
+    np.testing.assert_allclose(logits16, logits32, atol=0.15 * float(jnp.abs(logits32).max()) + 0.05)
+
+
+def test_shufflenet_shuffle_switch_changes_function_not_params():
+    on, off = _tiny("shufflenet_g3_wd2"), _tiny("shufflenet_g3_wd2", shuffle=False)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    variables = on.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, off.init(jax.random.PRNGKey(0), x))
+    assert not np.allclose(on.apply(variables, x), off.apply(variables, x))

@@ -1,0 +1,173 @@
+"""gconv.ops: grouped_conv against the split-per-group reference, channel_shuffle, and bad input."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax import lax
+from jax.test_util import check_grads
+
+from gconv import ops
+
+
+def _rand(seed, shape, dtype=jnp.float32):
+    return jax.random.normal(jax.random.PRNGKey(seed), shape, dtype)
+
+
+@st.composite
+def conv_cases(draw):
+    nd = draw(st.integers(1, 3))
+    groups = draw(st.integers(1, 4))
+    c_in = groups * draw(st.integers(1, 3))
+    c_out = groups * draw(st.integers(1, 3))
+    window = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    spatial = tuple(draw(st.integers(5, 8)) for _ in range(nd))
+    strides = draw(st.one_of(st.integers(1, 2), st.tuples(*[st.integers(1, 2)] * nd)))
+    dilation = draw(st.one_of(st.integers(1, 2), st.tuples(*[st.integers(1, 2)] * nd)))
+    padding = draw(st.one_of(st.sampled_from(["SAME", "VALID"]), st.integers(0, 2),
+                             st.tuples(*[st.tuples(st.integers(0, 2), st.integers(0, 2))] * nd)))
+    return dict(nd=nd, groups=groups, c_in=c_in, c_out=c_out, window=window, spatial=spatial,
+                strides=strides, dilation=dilation, padding=padding, seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv_cases())
+def test_grouped_conv_matches_reference(case):
+    x = _rand(case["seed"], (2,) + case["spatial"] + (case["c_in"],))
+    k = _rand(case["seed"] + 1, case["window"] + (case["c_in"] // case["groups"], case["c_out"]))
+    kw = dict(strides=case["strides"], padding=case["padding"], dilation=case["dilation"],
+              precision=lax.Precision.HIGHEST)
+    got = ops.grouped_conv(x, k, case["groups"], **kw)
+    want = ops.grouped_conv_reference(x, k, case["groups"], **kw)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_is_per_group_dense_conv():
+    """The reference itself: output group j depends only on input group j."""
+    x, k = _rand(0, (1, 6, 6, 4)), _rand(1, (3, 3, 2, 6))
+    y = ops.grouped_conv_reference(x, k, 2)
+    x_perturbed = x.at[..., 2:].set(0.0)  # zero group 1's inputs
+    y2 = ops.grouped_conv_reference(x_perturbed, k, 2)
+    np.testing.assert_array_equal(y[..., :3], y2[..., :3])
+    assert not np.allclose(y[..., 3:], y2[..., 3:])
+
+
+def test_groups_one_is_plain_conv():
+    x, k = _rand(0, (2, 9, 9, 5)), _rand(1, (3, 3, 5, 7))
+    want = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=lax.Precision.HIGHEST)
+    np.testing.assert_allclose(ops.grouped_conv(x, k, 1, precision=lax.Precision.HIGHEST), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("multiplier", [1, 2, 3])
+def test_depthwise_with_multiplier(multiplier):
+    c = 6
+    x, k = _rand(0, (2, 7, 7, c)), _rand(1, (3, 3, 1, c * multiplier))
+    y = ops.grouped_conv(x, k, c, strides=2, precision=lax.Precision.HIGHEST)
+    # Depthwise by hand: output channel o sees only input channel o // multiplier.
+    for o in range(c * multiplier):
+        xi = x[..., o // multiplier: o // multiplier + 1]
+        yo = lax.conv_general_dilated(xi, k[..., o:o + 1], (2, 2), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)
+        np.testing.assert_allclose(y[..., o:o + 1], yo, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_gradients(nd):
+    x = _rand(0, (2,) + (5,) * nd + (4,))
+    k = _rand(1, (3,) * nd + (2, 6))
+    f = lambda x, k: ops.grouped_conv(x, k, 2, strides=2, padding=1, precision=lax.Precision.HIGHEST)  # noqa: E731
+    check_grads(f, (x, k), order=2, modes=("fwd", "rev"), atol=1e-2, rtol=1e-2)
+
+
+def test_gradients_match_reference():
+    x, k = _rand(0, (2, 8, 8, 8)), _rand(1, (3, 3, 2, 12))
+    loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k, 4, strides=2, dilation=2)))  # noqa: E731
+    g = jax.grad(loss(ops.grouped_conv), argnums=(0, 1))(x, k)
+    g_ref = jax.grad(loss(ops.grouped_conv_reference), argnums=(0, 1))(x, k)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16():
+    x, k = _rand(0, (2, 8, 8, 8), jnp.bfloat16), _rand(1, (3, 3, 2, 8), jnp.bfloat16)
+    y = ops.grouped_conv(x, k, 4)
+    assert y.dtype == jnp.bfloat16
+    want = ops.grouped_conv_reference(x.astype(jnp.float32), k.astype(jnp.float32), 4)
+    np.testing.assert_allclose(y.astype(jnp.float32), want, rtol=5e-2, atol=1e-1)
+    y32 = ops.grouped_conv(x, k, 4, preferred_element_type=jnp.float32)
+    assert y32.dtype == jnp.float32
+
+
+def test_jit_and_vmap_compose():
+    x, k = _rand(0, (3, 2, 6, 6, 4)), _rand(1, (3, 3, 2, 4))
+    f = jax.jit(jax.vmap(lambda xi: ops.grouped_conv(xi, k, 2, precision=lax.Precision.HIGHEST)))
+    want = ops.grouped_conv_reference(x.reshape(6, 6, 6, 4), k, 2, precision=lax.Precision.HIGHEST)
+    np.testing.assert_allclose(f(x).reshape(want.shape), want, rtol=1e-5, atol=1e-5)
+
+
+def test_no_recompile_on_second_call():
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(x, k):
+        return ops.grouped_conv(x, k, 2)
+
+    x, k = _rand(0, (2, 6, 6, 4)), _rand(1, (3, 3, 2, 4))
+    f(x, k)
+    f(x + 1.0, k * 2.0)  # a second trace would raise
+
+
+def test_channel_shuffle_matches_torch_permutation():
+    x = jnp.arange(6.0)[None, None, :]
+    np.testing.assert_array_equal(ops.channel_shuffle(x, 2)[0, 0], [0, 3, 1, 4, 2, 5])
+    assert ops.shuffle_permutation(6, 2) == [0, 3, 1, 4, 2, 5]
+
+
+@pytest.mark.parametrize("channels,groups,axis", [(12, 3, -1), (12, 4, 1), (8, 8, -1), (10, 1, -1)])
+def test_channel_shuffle_is_permutation_and_inverts(channels, groups, axis):
+    shape = [2, 3, 4]
+    shape.insert(axis % 4 if axis >= 0 else len(shape), channels)
+    x = _rand(0, tuple(shape))
+    y = ops.channel_shuffle(x, groups, axis)
+    perm = ops.shuffle_permutation(channels, groups)
+    assert sorted(perm) == list(range(channels))
+    np.testing.assert_array_equal(y, jnp.take(x, np.array(perm), axis=axis))
+    np.testing.assert_array_equal(ops.channel_unshuffle(y, groups, axis), x)
+
+
+BAD_CONV = [
+    ((1, 8, 8, 6), (3, 3, 2, 8), 4, "C_in=6 is not divisible by groups=4"),
+    ((1, 8, 8, 8), (3, 3, 2, 6), 4, "C_out=6 is not divisible by groups=4"),
+    ((1, 8, 8, 8), (3, 3, 4, 8), 4, "kernel in-channel axis is 4 but C_in // groups"),
+    ((1, 8, 8, 8), (3, 3, 8, 8), 0, "groups=0 must be a positive int"),
+    ((1, 8, 8), (3, 3, 8, 8), 1, "x has rank 3"),
+    ((1, 8, 8, 8), (8, 8), 1, "expected (*window, C_in // groups, C_out)"),
+]
+
+
+@pytest.mark.parametrize("x_shape,k_shape,groups,message", BAD_CONV)
+@pytest.mark.parametrize("fn", [ops.grouped_conv, ops.grouped_conv_reference])
+def test_bad_conv_input_raises_value_error(fn, x_shape, k_shape, groups, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
+        fn(jnp.zeros(x_shape), jnp.zeros(k_shape), groups)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(padding="FULL"), "padding='FULL' is not valid"),
+    (dict(padding=((1, 1),)), "not valid for 2 spatial dim"),
+    (dict(strides=(1, 2, 1)), "strides=.* is not valid for 2 spatial dim"),
+    (dict(dilation=0), "dilation=0 is not valid"),
+])
+def test_bad_conv_options_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ops.grouped_conv(jnp.zeros((1, 8, 8, 4)), jnp.zeros((3, 3, 2, 4)), 2, **kwargs)
+
+
+def test_bad_shuffle_raises_value_error():
+    with pytest.raises(ValueError, match="10 channels are not divisible by groups=3"):
+        ops.channel_shuffle(jnp.zeros((1, 10)), 3)
+    with pytest.raises(ValueError, match="groups=0"):
+        ops.channel_shuffle(jnp.zeros((1, 10)), 0)
