@@ -48,6 +48,7 @@ class GroupedConv(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: Any = None
+    impl: str = "auto"  # see ops.grouped_conv
     kernel_init: Initializer = nn.initializers.he_normal()
     bias_init: Initializer = nn.initializers.zeros
 
@@ -64,7 +65,7 @@ class GroupedConv(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         y = ops.grouped_conv(x, kernel, self.groups, strides=self.strides, padding=self.padding,
-                             dilation=self.dilation, precision=self.precision)
+                             dilation=self.dilation, precision=self.precision, impl=self.impl)
         if bias is not None:
             y = y + bias
         return y

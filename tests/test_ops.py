@@ -28,18 +28,19 @@ def conv_cases(draw):
     dilation = draw(st.one_of(st.integers(1, 2), st.tuples(*[st.integers(1, 2)] * nd)))
     padding = draw(st.one_of(st.sampled_from(["SAME", "VALID"]), st.integers(0, 2),
                              st.tuples(*[st.tuples(st.integers(0, 2), st.integers(0, 2))] * nd)))
-    return dict(nd=nd, groups=groups, c_in=c_in, c_out=c_out, window=window, spatial=spatial,
+    impl = draw(st.sampled_from(ops.IMPLS))
+    return dict(impl=impl, nd=nd, groups=groups, c_in=c_in, c_out=c_out, window=window, spatial=spatial,
                 strides=strides, dilation=dilation, padding=padding, seed=draw(st.integers(0, 2**16)))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(conv_cases())
 def test_grouped_conv_matches_reference(case):
     x = _rand(case["seed"], (2,) + case["spatial"] + (case["c_in"],))
     k = _rand(case["seed"] + 1, case["window"] + (case["c_in"] // case["groups"], case["c_out"]))
     kw = dict(strides=case["strides"], padding=case["padding"], dilation=case["dilation"],
               precision=lax.Precision.HIGHEST)
-    got = ops.grouped_conv(x, k, case["groups"], **kw)
+    got = ops.grouped_conv(x, k, case["groups"], impl=case["impl"], **kw)
     want = ops.grouped_conv_reference(x, k, case["groups"], **kw)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -83,13 +84,26 @@ def test_gradients(nd):
     check_grads(f, (x, k), order=2, modes=("fwd", "rev"), atol=1e-2, rtol=1e-2)
 
 
-def test_gradients_match_reference():
+@pytest.mark.parametrize("impl", ops.IMPLS)
+def test_gradients_match_reference(impl):
     x, k = _rand(0, (2, 8, 8, 8)), _rand(1, (3, 3, 2, 12))
-    loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k, 4, strides=2, dilation=2)))  # noqa: E731
-    g = jax.grad(loss(ops.grouped_conv), argnums=(0, 1))(x, k)
+    loss = lambda conv, **kw: lambda x, k: jnp.sum(jnp.sin(conv(x, k, 4, strides=2, dilation=2, **kw)))  # noqa
+    g = jax.grad(loss(ops.grouped_conv, impl=impl), argnums=(0, 1))(x, k)
     g_ref = jax.grad(loss(ops.grouped_conv_reference), argnums=(0, 1))(x, k)
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_block_diagonal_kernel_structure():
+    k = _rand(0, (3, 3, 2, 6))
+    dense = ops.block_diagonal_kernel(k, 3)
+    assert dense.shape == (3, 3, 6, 6)
+    for i in range(3):
+        for j in range(3):
+            block = dense[:, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2]
+            np.testing.assert_array_equal(block, k[:, :, :, 2 * j:2 * j + 2] if i == j else 0.0)
+    with pytest.raises(ValueError, match="impl='fast' is not one of"):
+        ops.grouped_conv(jnp.zeros((1, 4, 4, 6)), k, 3, impl="fast")
 
 
 def test_bfloat16():

@@ -1,0 +1,149 @@
+"""Experiment configs: load `experiments/*.py`, apply `key=value` overrides, expand sweeps.
+
+An experiment file defines `get_config(arg=None) -> ml_collections.ConfigDict` and optionally
+`get_sweep(arg=None) -> list[dict]`, each point a dict with a `name` and dotted-key overrides
+(`{"name": "c4", "model.cardinality": 4, "model.base_width": 24}`).
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import difflib
+import importlib.util
+import os
+from typing import Any, Iterable
+
+import ml_collections
+
+__all__ = ["load_experiment", "apply_overrides", "expand_sweep", "flat_keys", "parse_value"]
+
+
+def load_experiment(spec: str) -> tuple[ml_collections.ConfigDict, list[dict[str, Any]]]:
+    """`PATH[:arg]` -> (locked config, sweep points). Without a `get_sweep`, the sweep is one point named "run"."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist (from --config={spec!r}); "
+                                f"experiments live in experiments/*.py.")
+    module_spec = importlib.util.spec_from_file_location(f"gconv_experiment_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    sweep = module.get_sweep(arg or None) if hasattr(module, "get_sweep") else [{"name": "run"}]
+    config.lock()
+    for point in sweep:  # a typo in a sweep fails at load time, not hours into the sweep
+        apply_overrides(config.copy_and_resolve_references(), {k: v for k, v in point.items() if k != "name"})
+    return config, sweep
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every leaf key, dotted: `["data.batch_size", "model.cardinality", ...]`."""
+    keys = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            keys += flat_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def parse_value(text: str, current: Any) -> Any:
+    """A command-line string as the type of the value it replaces (`"8"` -> 8 for an int field)."""
+    if isinstance(current, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{text!r} is not a boolean: use true or false.")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text
+        raise ValueError(f"{text!r} is not a valid {type(current).__name__}.") from None
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    return value
+
+
+def closest_keys(key: str, valid: list[str], n: int = 3) -> list[str]:
+    """Valid keys a typo most likely meant: abbreviations (`optim.lr` -> `optim.learning_rate`) and spellings."""
+    section, _, leaf = key.rpartition(".")
+    initials = [k for k in valid if k.rpartition(".")[0] == section
+                and "".join(w[0] for w in k.rpartition(".")[2].split("_")) == leaf]
+    spelled = difflib.get_close_matches(key, valid, n=n, cutoff=0.5)
+    return list(dict.fromkeys(initials + spelled))[:n] or valid[:10]
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """Sets dotted keys in place (string values are parsed by the field's type). Unknown keys raise `KeyError`
+    naming the closest valid keys; a value of the wrong type raises `ValueError`."""
+    valid = flat_keys(config)
+    for key, value in overrides.items():
+        if key not in valid:
+            raise KeyError(f"unknown config key {key!r}; closest valid keys: {closest_keys(key, valid)}.")
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        current = node[leaf]
+        if isinstance(value, str) and not isinstance(current, str):
+            value = parse_value(value, current)
+        try:
+            with node.ignore_type() if current is None else contextlib.nullcontext():
+                node[leaf] = value
+        except TypeError as e:
+            raise ValueError(f"config key {key!r}: {e}") from e
+    return config
+
+
+def expand_sweep(config: ml_collections.ConfigDict, sweep: list[dict[str, Any]], overrides: dict[str, Any],
+                 points: Iterable[str] | None = None) -> list[tuple[str, ml_collections.ConfigDict]]:
+    """One `(name, config)` per sweep point: base config <- point <- command-line overrides.
+
+    `points`: names or indices to keep (all when None); an unknown one raises `KeyError`.
+    """
+    names = [p["name"] for p in sweep]
+    if len(set(names)) != len(names):
+        raise ValueError(f"sweep point names must be unique: {names}.")
+    selected = list(range(len(sweep)))
+    if points:
+        selected = []
+        for p in points:
+            if p in names:
+                selected.append(names.index(p))
+            elif p.isdigit() and int(p) < len(sweep):
+                selected.append(int(p))
+            else:
+                raise KeyError(f"unknown sweep point {p!r}: this experiment has {names} (or indices 0..{len(names) - 1}).")
+    out = []
+    for i in selected:
+        point_config = config.copy_and_resolve_references()
+        apply_overrides(point_config, {k: v for k, v in sweep[i].items() if k != "name"})
+        apply_overrides(point_config, overrides)
+        point_config.lock()
+        out.append((names[i], point_config))
+    return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults every experiment starts from; experiment files change only what differs."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.model = ml_collections.ConfigDict(dict(name="resnext11_1x16d", dtype="float32"))
+    config.data = ml_collections.ConfigDict(dict(
+        name="digits", data_dir="", batch_size=64, eval_batch_size=256, augment=True, image_size=32, num_classes=10))
+    config.optim = ml_collections.ConfigDict(dict(
+        name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine",
+        warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1, label_smoothing=0.0))
+    config.num_epochs = 30.0
+    config.num_steps = -1  # > 0 overrides num_epochs
+    config.log_every_steps = 50
+    config.eval_every_steps = 500
+    config.checkpoint_every_steps = 500
+    config.keep_checkpoints = 2
+    config.paper_top1_error = -1.0  # the published figure for this point, shown beside ours; < 0 = none
+    return config

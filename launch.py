@@ -1,0 +1,73 @@
+"""gconv's launcher: config in, `train_and_evaluate(config, workdir)` per sweep point, report out.
+
+    python launch.py                                   # default experiment (digits cardinality ablation)
+    python launch.py --config experiments/cifar10_resnext29.py:local --workdir runs/c10
+    python launch.py --point c4 --config.optim.learning_rate=0.05
+    python launch.py report WORKDIR                    # rebuild a sweep's report
+On a multi-process platform (TPU pod, multi-host GPU) add --multiprocess: `jax.distributed.initialize()` runs
+first and only process 0 writes logs and reports.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="train", choices=["train", "report"])
+    parser.add_argument("target", nargs="?", help="WORKDIR for `report`")
+    parser.add_argument("--config", default="experiments/default.py", help="PATH[:arg] of an experiment file")
+    parser.add_argument("--workdir", default=None, help="default: runs/<experiment name>")
+    parser.add_argument("--point", action="append", help="sweep point name or index (repeatable); default: all")
+    parser.add_argument("--multiprocess", action="store_true", help="call jax.distributed.initialize() first")
+    args, rest = parser.parse_known_args(argv)
+    overrides = {}
+    for item in rest:
+        key, eq, value = item.partition("=")
+        if not key.startswith("--config.") or not eq:
+            parser.error(f"unrecognised argument {item!r}: overrides look like --config.optim.learning_rate=0.05")
+        overrides[key[len("--config."):]] = value
+    return args, overrides
+
+
+def main(argv: list[str]) -> int:
+    args, overrides = parse_args(argv)
+    from gconv import report
+
+    if args.command == "report":
+        if not args.target:
+            raise SystemExit("usage: python launch.py report WORKDIR")
+        print(report.report_table(report.load_summaries(args.target)))
+        print(f"wrote {report.write_report(args.target)}")
+        return 0
+
+    import jax
+
+    from gconv.config import expand_sweep, load_experiment
+    from gconv.train import train_and_evaluate
+
+    if args.multiprocess:
+        jax.distributed.initialize()
+    config, sweep = load_experiment(args.config)
+    runs = expand_sweep(config, sweep, overrides, args.point)
+    name = os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0]
+    suffix = args.config.partition(":")[2]
+    workdir = args.workdir or os.path.join("runs", name + (f"_{suffix}" if suffix else ""))
+    for point, point_config in runs:
+        print(f"== {point} -> {os.path.join(workdir, point)}", flush=True)
+        if train_and_evaluate(point_config, os.path.join(workdir, point)) is None:
+            return 143  # preempted after saving; relaunch to resume
+    if jax.process_index() == 0:
+        print(report.report_table(report.load_summaries(workdir)))
+        print(f"wrote {report.write_report(workdir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (KeyError, ValueError, FileNotFoundError, FloatingPointError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        sys.exit(f"error: {message}")

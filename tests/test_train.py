@@ -1,0 +1,143 @@
+"""End-to-end training through launch.py: one-step CLI run, kill-and-resume equality, SIGTERM, NaN stop, reports."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from gconv.train import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--config", "experiments/default.py:local", "--point", "c2"]
+
+
+def launch(*args, check=True, **kwargs):
+    proc = subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def start(*args):
+    return subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    ckpt = run_dir / "checkpoints"
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.exists() else []
+
+
+def wait_for_checkpoint(proc, run_dir: Path, min_step: int, timeout: float = 240.0) -> None:
+    deadline = time.time() + timeout
+    while not any(s >= min_step for s in checkpoint_steps(run_dir)):
+        assert proc.poll() is None, f"run ended before a checkpoint at step >= {min_step}:\n{proc.stdout.read()}"
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+
+
+def test_one_step_cli_run_writes_logs_config_and_report(tmp_path):
+    proc = launch(*TINY, "--workdir", str(tmp_path), "--config.num_steps=1", "--config.log_every_steps=1")
+    run = tmp_path / "c2"
+    assert json.loads((run / "config.json").read_text())["model"]["cardinality"] == 2
+    records = read_metrics(run / "metrics.jsonl")
+    assert records[0]["step"] == 1 and np.isfinite(records[0]["train_loss"])
+    assert any("eval_top1_error" in r for r in records)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"] == "resnext11_2x10d" and summary["steps"] == 1
+    assert "| c2 | resnext11_2x10d | 2 | 10 |" in proc.stdout  # the report table is printed
+    assert (tmp_path / "report.md").exists()
+
+
+RESUME = TINY + ["--config.num_steps=300", "--config.checkpoint_every_steps=10", "--config.log_every_steps=10",
+                 "--config.eval_every_steps=100"]
+
+
+def test_sigkill_and_relaunch_ends_with_the_metrics_of_an_uninterrupted_run(tmp_path):
+    launch(*RESUME, "--workdir", str(tmp_path / "straight"))
+    run = tmp_path / "killed" / "c2"
+    proc = start(*RESUME, "--workdir", str(tmp_path / "killed"))
+    wait_for_checkpoint(proc, run, 10)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists(), "the run finished before it was killed"
+    killed_at = max(checkpoint_steps(run))
+    assert killed_at < 300
+    launch(*RESUME, "--workdir", str(tmp_path / "killed"))
+    straight = read_metrics(tmp_path / "straight" / "c2" / "metrics.jsonl")
+    resumed = read_metrics(run / "metrics.jsonl")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("img_per_sec", "wall_time")} for r in rs]  # noqa
+    assert strip(resumed) == strip(straight)  # every logged loss, accuracy and eval metric, exactly
+    s1 = json.loads((tmp_path / "straight" / "c2" / "summary.json").read_text())
+    s2 = json.loads((run / "summary.json").read_text())
+    assert s1["final_top1_error"] == s2["final_top1_error"] and s1["best_top1_error"] == s2["best_top1_error"]
+
+
+def test_sigterm_saves_a_checkpoint_and_relaunch_finishes(tmp_path):
+    args = TINY + ["--config.num_steps=2000", "--config.checkpoint_every_steps=500", "--workdir", str(tmp_path)]
+    proc = start(*args)
+    run = tmp_path / "c2"
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    saved = max(checkpoint_steps(run))
+    assert f"SIGTERM: saved checkpoint at step {saved}" in out and saved < 2000
+    launch(*args, "--config.num_steps=2000")
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2000
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    proc = launch(*TINY, "--workdir", str(tmp_path), "--config.num_steps=50", "--config.optim.learning_rate=1e30",
+                  "--config.checkpoint_every_steps=1", "--config.log_every_steps=1", check=False)
+    assert proc.returncode != 0
+    assert "non-finite training metrics" in proc.stderr and "at step" in proc.stderr, proc.stderr
+    bad_step = int(proc.stderr.split("at step ")[1].split(".")[0])
+    run = tmp_path / "c2"
+    steps = checkpoint_steps(run)
+    assert all(s < bad_step for s in steps)
+    if steps:
+        restored = ocp.StandardCheckpointer().restore((run / "checkpoints" / str(max(steps)) / "default").absolute())
+        assert all(np.all(np.isfinite(np.asarray(x))) for x in __import__("jax").tree.leaves(restored))
+
+
+def test_relaunch_with_another_config_refuses_before_touching_the_run(tmp_path):
+    launch(*TINY, "--workdir", str(tmp_path), "--config.num_steps=2")
+    before = (tmp_path / "c2" / "metrics.jsonl").read_text()
+    proc = launch(*TINY, "--workdir", str(tmp_path), "--config.num_steps=2", "--config.optim.learning_rate=0.3",
+                  check=False)
+    assert proc.returncode != 0 and "different config" in proc.stderr and "optim" in proc.stderr
+    assert (tmp_path / "c2" / "metrics.jsonl").read_text() == before
+
+
+def test_unknown_override_on_the_command_line(tmp_path):
+    proc = launch(*TINY, "--workdir", str(tmp_path), "--config.model.cardinalty=4", check=False)
+    assert proc.returncode != 0
+    assert "unknown config key 'model.cardinalty'" in proc.stderr and "model.cardinality" in proc.stderr
+    assert not (tmp_path / "c2").exists()
+
+
+def test_report_rebuilds_table_and_plots(tmp_path):
+    launch("--config", "experiments/default.py:local", "--point", "c1", "--point", "c4", "--workdir", str(tmp_path),
+           "--config.num_steps=3")
+    for name in ("report.md", "error_vs_cardinality.png", "error_vs_mflops.png"):
+        (tmp_path / name).unlink()
+    proc = launch("report", str(tmp_path))
+    table = (tmp_path / "report.md").read_text()
+    assert "| c1 | resnext11_1x16d | 1 | 16 |" in table and "| c4 | resnext11_4x6d | 4 | 6 |" in table
+    assert "c4" in proc.stdout
+    for name in ("error_vs_cardinality.png", "error_vs_mflops.png"):
+        image = matplotlib.image.imread(tmp_path / name)
+        assert image.shape[0] > 100 and float(image[..., :3].std()) > 0.01  # opens, and is not blank
+    missing = launch("report", str(tmp_path / "nothing"), check=False)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
