@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from gconv import data as data_lib
+from gconv import parallel
 from gconv.complexity import count_flops, count_params
 from gconv.models import create_model
 
@@ -121,12 +122,13 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict:
-    """Sums over the real (mask=True) examples: `correct`, `loss`, `count`."""
+def eval_step(state: TrainState, batch: dict, *, model: nn.Module, axis_name: str | None = None) -> dict:
+    """Sums over the real (mask=True) examples: `correct`, `loss`, `count` (over `axis_name` too, when set)."""
     logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
     mask = batch["mask"].astype(jnp.float32)
-    return {"correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+    sums = {"correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
             "loss": jnp.sum(_cross_entropy(logits, batch["label"], 0.0) * mask), "count": jnp.sum(mask)}
+    return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
 
 
 def evaluate(step_fn: Callable, state: TrainState, batches) -> dict[str, float]:
@@ -169,11 +171,12 @@ def _check_config(run_dir: Path, config: ml_collections.ConfigDict, write: bool)
     new = json.loads(config.to_json_best_effort())
     if path.exists():
         old = json.loads(path.read_text())
-        if old != new:
+        placement = ("mesh", "parallel")  # where the run executes, not what it computes: free to change on resume
+        if {k: v for k, v in old.items() if k not in placement} != {k: v for k, v in new.items() if k not in placement}:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ValueError(f"{run_dir} holds a run with a different config (top-level keys differing: {diff}). "
                              f"Resume it with the same config, or pass a new --workdir; nothing was changed.")
-    elif write:
+    if write:
         path.write_text(json.dumps(new, indent=2, sort_keys=True))
 
 
@@ -212,6 +215,13 @@ def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
+def _place(batch: dict, mesh) -> dict:
+    """This process's rows of a global host batch, as arrays split over the mesh's `data` axis."""
+    per_process = len(batch["label"]) // jax.process_count()
+    start = jax.process_index() * per_process
+    return parallel.shard_batch(jax.tree.map(lambda x: x[start:start + per_process], batch), mesh)
+
+
 def _effective_name(name: str, model: nn.Module) -> str:
     """The registry name with overridden cardinality/width folded in (`resnext11_1x16d` with C=4, d=6 ->
     `resnext11_4x6d`)."""
@@ -238,10 +248,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     steps_per_epoch = max(1, info.num_train // batch_size)
     total_steps = config.num_steps if config.num_steps > 0 else int(config.num_epochs * steps_per_epoch)
 
+    # Devices: one jit-ed step, or a data-parallel one over the mesh's `data` axis.
+    mesh = parallel.make_mesh(config.mesh)
+    if mesh.shape[parallel.MODEL] > 1:
+        raise ValueError(f"mesh.model={mesh.shape[parallel.MODEL]}: the training loop runs data parallel only; "
+                         f"use --config.mesh.model=1 (group-parallel modules live in gconv.parallel).")
+    distributed = mesh.size > 1
+    if distributed:
+        parallel.check_batch_divides(batch_size, mesh)
+        parallel.check_batch_divides(config.data.eval_batch_size, mesh)
+
     # Model, optimizer, state.
-    model = build_model(config, info.num_classes)
+    model = build_model(config, info.num_classes, axis_name=parallel.DATA if distributed else None)
     tx, schedule = create_optimizer(config.optim, steps_per_epoch, total_steps)
     state = create_train_state(model, tx, info.image_shape, config.seed)
+    if distributed:
+        state = jax.device_put(state, parallel.replicated(mesh))
     manager = ocp.CheckpointManager(
         (run_dir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
@@ -250,14 +272,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     start_step = int(state.step)
     log = _MetricsLog(run_dir / "metrics.jsonl", start_step, enabled=is_main)
 
-    p_train = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                                        label_smoothing=config.optim.label_smoothing), donate_argnums=0)
-    p_eval = jax.jit(functools.partial(eval_step, model=model))
-    batches = data_lib.train_batches(train_source, info, batch_size, seed=config.seed, start_step=start_step,
-                                     augment=config.data.augment)
+    step_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                                label_smoothing=config.optim.label_smoothing)
+    eval_fn = functools.partial(eval_step, model=model)
+    if not distributed:
+        p_train, p_eval, place = jax.jit(step_fn, donate_argnums=0), jax.jit(eval_fn), lambda b: b
+    elif config.parallel == "pmap":
+        p_train, p_eval, place = parallel.pmap_data_parallel(step_fn), jax.jit(eval_fn), lambda b: b
+    elif config.parallel == "shard_map":
+        p_train = parallel.data_parallel(step_fn, mesh)
+        p_eval = parallel.data_parallel(eval_fn, mesh, donate=False)
+        place = functools.partial(_place, mesh=mesh)
+    else:
+        raise ValueError(f"parallel={config.parallel!r}: use 'shard_map' or 'pmap'.")
+    batches = map(place, data_lib.train_batches(train_source, info, batch_size, seed=config.seed,
+                                                start_step=start_step, augment=config.data.augment))
 
     def run_eval(step: int) -> dict:
-        metrics = evaluate(p_eval, state, data_lib.eval_batches(eval_source, info, config.data.eval_batch_size))
+        eval_batches = data_lib.eval_batches(eval_source, info, config.data.eval_batch_size)
+        metrics = evaluate(p_eval, state, map(place, eval_batches))
         log.write({"step": step, **metrics})
         return metrics
 

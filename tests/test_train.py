@@ -15,7 +15,7 @@ import pytest
 from gconv.train import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--config", "experiments/default.py:local", "--point", "c2"]
+TINY = ["--config", "experiments/default.py:local", "--point", "c2", "--config.mesh.data=1"]
 
 
 def launch(*args, check=True, **kwargs):
@@ -43,8 +43,10 @@ def wait_for_checkpoint(proc, run_dir: Path, min_step: int, timeout: float = 240
         time.sleep(0.02)
 
 
-def test_one_step_cli_run_writes_logs_config_and_report(tmp_path):
-    proc = launch(*TINY, "--workdir", str(tmp_path), "--config.num_steps=1", "--config.log_every_steps=1")
+@pytest.mark.parametrize("devices", ["1", "-1"])  # -1: data parallel over the 8 simulated devices
+def test_one_step_cli_run_writes_logs_config_and_report(tmp_path, devices):
+    proc = launch(*TINY, "--workdir", str(tmp_path), "--config.num_steps=1", "--config.log_every_steps=1",
+                  f"--config.mesh.data={devices}")
     run = tmp_path / "c2"
     assert json.loads((run / "config.json").read_text())["model"]["cardinality"] == 2
     records = read_metrics(run / "metrics.jsonl")
@@ -81,7 +83,8 @@ def test_sigkill_and_relaunch_ends_with_the_metrics_of_an_uninterrupted_run(tmp_
 
 
 def test_sigterm_saves_a_checkpoint_and_relaunch_finishes(tmp_path):
-    args = TINY + ["--config.num_steps=2000", "--config.checkpoint_every_steps=500", "--workdir", str(tmp_path)]
+    args = TINY + ["--config.num_steps=400", "--config.checkpoint_every_steps=200", "--config.log_every_steps=5",
+                   "--workdir", str(tmp_path)]
     proc = start(*args)
     run = tmp_path / "c2"
     deadline = time.time() + 240
@@ -92,9 +95,9 @@ def test_sigterm_saves_a_checkpoint_and_relaunch_finishes(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, out
     saved = max(checkpoint_steps(run))
-    assert f"SIGTERM: saved checkpoint at step {saved}" in out and saved < 2000
-    launch(*args, "--config.num_steps=2000")
-    assert json.loads((run / "summary.json").read_text())["steps"] == 2000
+    assert f"SIGTERM: saved checkpoint at step {saved}" in out and saved < 400
+    launch(*args)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 400
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -1,0 +1,112 @@
+"""Many devices on 8 simulated CPU devices: data parallel == one device, pmap == shard_map, HLO, checkpoints."""
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from gconv import parallel, train
+from gconv.config import base_config
+from gconv.models import create_model
+
+from test_train import TINY, checkpoint_steps, launch
+
+
+def _max_diff(a, b):
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), a, b)))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    assert len(jax.devices()) == 8, "the suite runs with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    config = base_config()
+    kw = dict(num_classes=10, stage_sizes=(1, 1, 1))
+    single = create_model("resnext11_4x4d", **kw)
+    synced = create_model("resnext11_4x4d", axis_name=parallel.DATA, **kw)
+    tx, schedule = train.create_optimizer(config.optim, 10, 100)
+    state = train.create_train_state(single, tx, (16, 16, 3), 0)
+    batch = {"image": 2.0 + jax.random.normal(jax.random.PRNGKey(1), (32, 16, 16, 3)),
+             "label": jnp.arange(32) % 10}
+    make_step = lambda model: functools.partial(train.train_step, model=model, tx=tx, schedule=schedule)  # noqa
+    return state, batch, make_step(single), make_step(synced)
+
+
+def test_make_mesh():
+    mesh = parallel.make_mesh({"data": -1, "model": 2})
+    assert dict(mesh.shape) == {"data": 4, "model": 2}
+    assert dict(parallel.make_mesh({"data": 1, "model": 1}).shape) == {"data": 1, "model": 1}
+    with pytest.raises(ValueError, match="needs 16 devices, but only 8"):
+        parallel.make_mesh({"data": 8, "model": 2})
+    with pytest.raises(ValueError, match="not divisible by 3"):
+        parallel.make_mesh({"data": -1, "model": 3})
+    with pytest.raises(ValueError, match="at most one -1"):
+        parallel.make_mesh({"data": -1, "model": -1})
+    with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices"):
+        parallel.check_batch_divides(12, parallel.make_mesh({"data": -1, "model": 1}))
+
+
+def test_data_parallel_step_equals_single_device_step_on_the_global_batch(setup):
+    state, batch, step1, step8 = setup
+    s1, m1 = jax.jit(step1)(state, batch)
+    mesh = parallel.make_mesh({"data": 8, "model": 1})
+    s8, m8 = parallel.data_parallel(step8, mesh, donate=False)(jax.device_put(state, parallel.replicated(mesh)),
+                                                               parallel.shard_batch(batch, mesh))
+    for k in ("loss", "accuracy", "grad_norm"):
+        np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5)
+    assert _max_diff(s1.params, s8.params) < 1e-5  # so the gradients agree
+    assert _max_diff(s1.batch_stats, s8.batch_stats) < 1e-5  # BN statistics of the global batch
+    # Without cross-device BN the statistics would be per-device: the test can tell.
+    s_local, _ = parallel.data_parallel(step1, mesh, donate=False)(
+        jax.device_put(state, parallel.replicated(mesh)), parallel.shard_batch(batch, mesh))
+    assert _max_diff(s1.batch_stats, s_local.batch_stats) > 1e-4
+
+
+def test_pmap_path_equals_shard_map_path(setup):
+    state, batch, _, step8 = setup
+    mesh = parallel.make_mesh({"data": 8, "model": 1})
+    s_sm, m_sm = parallel.data_parallel(step8, mesh, donate=False)(
+        jax.device_put(state, parallel.replicated(mesh)), parallel.shard_batch(batch, mesh))
+    s_pm, m_pm = parallel.pmap_data_parallel(step8)(state, batch)
+    np.testing.assert_allclose(m_pm["loss"], m_sm["loss"], rtol=1e-6)
+    assert _max_diff(s_pm.params, s_sm.params) < 1e-6
+    assert _max_diff(s_pm.batch_stats, s_sm.batch_stats) < 1e-6
+
+
+def test_data_parallel_hlo_keeps_grouped_convs_local(setup):
+    """No all-gather of activations: every device convolves its own slice; only reductions cross devices."""
+    state, batch, _, step8 = setup
+    mesh = parallel.make_mesh({"data": 8, "model": 1})
+    hlo = parallel.data_parallel(step8, mesh, donate=False).lower(
+        jax.device_put(state, parallel.replicated(mesh)), parallel.shard_batch(batch, mesh)).compile().as_text()
+    assert "all-gather" not in hlo
+    assert "all-reduce" in hlo
+    # The convolutions see the per-device batch of 32 / 8 = 4 images; the global (32, 16, 16, 3) batch never exists.
+    assert "f32[4,16,16,3]" in hlo and "f32[32,16,16,3]" not in hlo
+
+
+@pytest.mark.parametrize("target", [{"data": 1, "model": 1}, {"data": 2, "model": 4}])
+def test_checkpoint_from_8_devices_restores_onto_another_mesh(setup, tmp_path, target):
+    state = setup[0]
+    mesh8 = parallel.make_mesh({"data": 8, "model": 1})
+    manager = ocp.CheckpointManager(tmp_path.absolute())
+    manager.save(1, args=ocp.args.StandardSave(jax.device_put(state, parallel.replicated(mesh8))))
+    manager.wait_until_finished()
+    mesh = parallel.make_mesh(target)
+    like = jax.device_put(jax.tree.map(jnp.zeros_like, state), parallel.replicated(mesh))
+    restored = manager.restore(1, args=ocp.args.StandardRestore(like))
+    assert _max_diff(restored.params, state.params) == 0.0
+    leaf = jax.tree.leaves(restored.params)[0]
+    assert leaf.sharding.mesh.devices.size == mesh.devices.size
+
+
+def test_cli_run_on_8_devices_resumes_on_1(tmp_path):
+    args = TINY[:-1] + ["--workdir", str(tmp_path), "--config.num_steps=10", "--config.checkpoint_every_steps=5"]
+    launch(*args, "--config.mesh.data=8")
+    assert checkpoint_steps(tmp_path / "c2")[-1] == 10
+    first = json.loads((tmp_path / "c2" / "summary.json").read_text())
+    launch(*args, "--config.mesh.data=1")  # restores the 8-device checkpoint onto one device
+    again = json.loads((tmp_path / "c2" / "summary.json").read_text())
+    assert again["final_top1_error"] == first["final_top1_error"]
