@@ -4,6 +4,7 @@
     python launch.py --config experiments/cifar10_resnext29.py:local --workdir runs/c10
     python launch.py --point c4 --config.optim.learning_rate=0.05
     python launch.py report WORKDIR                    # rebuild a sweep's report
+    python launch.py analyze RUN_DIR                   # filter correlations, kernel views, compute of one run
 On a multi-process platform (TPU pod, multi-host GPU) add --multiprocess: `jax.distributed.initialize()` runs
 first and only process 0 writes logs and reports.
 """
@@ -16,8 +17,8 @@ import sys
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="train", choices=["train", "report"])
-    parser.add_argument("target", nargs="?", help="WORKDIR for `report`")
+    parser.add_argument("command", nargs="?", default="train", choices=["train", "report", "analyze"])
+    parser.add_argument("target", nargs="?", help="WORKDIR for `report`, RUN_DIR (WORKDIR/POINT) for `analyze`")
     parser.add_argument("--config", default="experiments/default.py", help="PATH[:arg] of an experiment file")
     parser.add_argument("--workdir", default=None, help="default: runs/<experiment name>")
     parser.add_argument("--point", action="append", help="sweep point name or index (repeatable); default: all")
@@ -36,22 +37,35 @@ def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     from gconv import report
 
+    if args.command in ("report", "analyze") and not args.target:
+        raise SystemExit(f"usage: python launch.py {args.command} {'WORKDIR' if args.command == 'report' else 'RUN_DIR'}")
+    if args.command == "analyze":
+        result = report.analyze_run(args.target)
+        for pair in result["pairs"]:
+            print(f"{pair['layer_a']} -> {pair['layer_b']}: block-diagonality {pair['score']:.3f} "
+                  f"(chance {1 / pair['groups']:.3f})")
+        print(f"wrote {os.path.join(args.target, 'analysis')}")
+        return 0
     if args.command == "report":
-        if not args.target:
-            raise SystemExit("usage: python launch.py report WORKDIR")
+        path = report.write_report(args.target)
         print(report.report_table(report.load_summaries(args.target)))
-        print(f"wrote {report.write_report(args.target)}")
+        print(f"wrote {path}")
         return 0
 
     import jax
 
     from gconv.config import expand_sweep, load_experiment
-    from gconv.train import train_and_evaluate
+    from gconv.train import preflight, train_and_evaluate
 
     if args.multiprocess:
         jax.distributed.initialize()
     config, sweep = load_experiment(args.config)
     runs = expand_sweep(config, sweep, overrides, args.point)
+    for point, point_config in runs:  # every point's errors before any point trains
+        try:
+            preflight(point_config)
+        except ValueError as e:
+            raise ValueError(f"sweep point {point!r}: {e}") from e
     name = os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0]
     suffix = args.config.partition(":")[2]
     workdir = args.workdir or os.path.join("runs", name + (f"_{suffix}" if suffix else ""))
@@ -60,8 +74,9 @@ def main(argv: list[str]) -> int:
         if train_and_evaluate(point_config, os.path.join(workdir, point)) is None:
             return 143  # preempted after saving; relaunch to resume
     if jax.process_index() == 0:
+        path = report.write_report(workdir)
         print(report.report_table(report.load_summaries(workdir)))
-        print(f"wrote {report.write_report(workdir)}")
+        print(f"wrote {path}")
     return 0
 
 

@@ -6,6 +6,7 @@ shapes, so bad input raises `ValueError` before XLA sees it.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence, Union
 
@@ -30,6 +31,11 @@ __all__ = [
     "channel_unshuffle",
     "shuffle_permutation",
     "normalize_padding",
+    "model_parallel_input",
+    "model_parallel_output",
+    "sharded_channel_shuffle",
+    "gather_channels",
+    "local_channels",
 ]
 
 
@@ -224,3 +230,69 @@ def channel_unshuffle(x: jax.Array, groups: int, axis: int = -1) -> jax.Array:
     channels = x.shape[axis % x.ndim]
     _check_shuffle(channels, groups)
     return channel_shuffle(x, channels // groups, axis)
+
+
+# --- collectives for group parallelism (inside shard_map over a `model` axis) ------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def model_parallel_input(x: jax.Array, axis_name: str) -> jax.Array:
+    """Identity forward; gradients summed over `axis_name` backward. Marks a replicated activation entering a
+    region whose devices each compute a different part (Megatron's "f")."""
+    return x
+
+
+def _mpi_fwd(x, axis_name):
+    return x, None
+
+
+def _mpi_bwd(axis_name, _, g):
+    return (jax.lax.psum(g, axis_name),)
+
+
+model_parallel_input.defvjp(_mpi_fwd, _mpi_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def model_parallel_output(x: jax.Array, axis_name: str) -> jax.Array:
+    """Sum of the devices' partial results over `axis_name` forward; identity backward (Megatron's "g")."""
+    return jax.lax.psum(x, axis_name)
+
+
+def _mpo_fwd(x, axis_name):
+    return jax.lax.psum(x, axis_name), None
+
+
+def _mpo_bwd(axis_name, _, g):
+    return (g,)
+
+
+model_parallel_output.defvjp(_mpo_fwd, _mpo_bwd)
+
+
+def sharded_channel_shuffle(x: jax.Array, groups: int, axis_name: str, axis_size: int) -> jax.Array:
+    """`channel_shuffle` of channels split in contiguous blocks over `axis_name`, as one `all_to_all`.
+
+    `x: (..., C / axis_size)` holds `groups / axis_size` whole groups; the result holds this device's block of the
+    shuffled channels. Group size `C / groups` must be divisible by `axis_size`.
+    """
+    local_groups = groups // axis_size
+    if groups % axis_size or x.shape[-1] % local_groups or (x.shape[-1] // local_groups) % axis_size:
+        raise ValueError(f"sharded_channel_shuffle: groups={groups} with {x.shape[-1]} local channels cannot be split "
+                         f"over {axis_size} devices: groups and the group size must be divisible by {axis_size}.")
+    per_group = x.shape[-1] // local_groups
+    lead = x.shape[:-1]
+    x = x.reshape(lead + (local_groups, axis_size, per_group // axis_size))
+    x = jax.lax.all_to_all(x, axis_name, split_axis=x.ndim - 2, concat_axis=x.ndim - 3, tiled=True)
+    x = x.reshape(lead + (groups, per_group // axis_size))
+    return jnp.swapaxes(x, -1, -2).reshape(lead + (groups * per_group // axis_size,))
+
+
+def gather_channels(x: jax.Array, axis_name: str) -> jax.Array:
+    """All devices' channel blocks concatenated in device order: `(..., C / n) -> (..., C)`."""
+    return jax.lax.all_gather(x, axis_name, axis=x.ndim - 1, tiled=True)
+
+
+def local_channels(x: jax.Array, axis_name: str, axis_size: int) -> jax.Array:
+    """This device's contiguous block of a replicated `(..., C)`: `(..., C / axis_size)`."""
+    size = x.shape[-1] // axis_size
+    return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis_name) * size, size, axis=x.ndim - 1)

@@ -1,14 +1,20 @@
-"""Many devices: a `data` x `model` mesh from config, and data-parallel steps through `shard_map` or `pmap`.
+"""Many devices: a `data` x `model` mesh from config; data-parallel and group-parallel steps through `shard_map`
+(and data parallel through `pmap`).
 
 Data parallel: the batch is split over `data`, parameters are replicated, and inside the step gradients, metrics
 and BatchNorm statistics are averaged over `data` (`lax.pmean`; the model's `axis_name="data"`), so N devices
 compute what one device computes on the global batch. Each device runs its grouped convolutions on its own slice:
 nothing in the step all-gathers activations (the test suite checks the compiled HLO).
+
+Group parallel (AlexNet's split, generalised): the groups of every grouped convolution are split over `model`;
+each device holds only its groups' weights, BN parameters and activations (the models' `model_axis` /
+`model_size` fields say how; `partition_specs` places the state). Composes with data parallel on a 2-D mesh.
 """
 from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any, Callable
 
 import jax
@@ -16,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["DATA", "MODEL", "make_mesh", "replicated", "shard_batch", "data_parallel", "pmap_data_parallel",
+__all__ = ["DATA", "MODEL", "make_mesh", "replicated", "shard_batch", "shard_step", "pmap_data_parallel",
+           "group_parallel_rules", "partition_specs", "shard_state",
            "check_batch_divides"]
 
 DATA, MODEL = "data", "model"
@@ -59,14 +66,18 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
-def data_parallel(step: Callable, mesh: Mesh, *, donate: bool = True) -> Callable:
-    """`step(state, batch, axis_name=...)` -> a jitted data-parallel step over `mesh` via `shard_map`.
+def shard_step(step: Callable, mesh: Mesh, state_specs: Any = P(), *, returns_state: bool = True,
+               donate: bool = True) -> Callable:
+    """`step(state, batch, axis_name=...)` -> a jitted step over `mesh` via `shard_map`.
 
-    The state is replicated and the batch split over `data`; `step` reduces over `axis_name` itself (`pmean` of
-    gradients and metrics, `psum` of evaluation counts), so its outputs are replicated.
+    The batch is split over `data`; the state is replicated (`state_specs=P()`, data parallel) or split over
+    `model` as `state_specs` says (group parallel, see `partition_specs`; the step's model must then be built with
+    `model_axis="model", model_size=mesh.shape["model"]`). `step` reduces over `axis_name` itself (`pmean` of
+    gradients and metrics, `psum` of evaluation counts), so its other outputs are replicated.
     """
-    per_device = functools.partial(step, axis_name=DATA)
-    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA)), out_specs=P(), check_vma=False)
+    out_specs = (state_specs, P()) if returns_state else P()
+    mapped = jax.shard_map(functools.partial(step, axis_name=DATA), mesh=mesh, in_specs=(state_specs, P(DATA)),
+                           out_specs=out_specs, check_vma=False)
     return jax.jit(mapped, donate_argnums=(0,) if donate else ())
 
 
@@ -84,3 +95,45 @@ def pmap_data_parallel(step: Callable, devices: list | None = None) -> Callable:
         return jax.tree.map(lambda x: x[0], new_state), jax.tree.map(lambda x: x[0], metrics)
 
     return run
+
+
+# --- group parallel ---------------------------------------------------------------------------------------------
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def group_parallel_rules(model: Any) -> tuple:
+    """The (path regex, partition) rules of a model family that supports group parallelism."""
+    from gconv.models.resnext import GROUP_PARALLEL_RULES, ResNeXt
+    from gconv.models.shufflenet import V1_GROUP_PARALLEL_RULES, ShuffleNetV1
+
+    if isinstance(model, ResNeXt):
+        return GROUP_PARALLEL_RULES
+    if isinstance(model, ShuffleNetV1):
+        return V1_GROUP_PARALLEL_RULES
+    raise ValueError(f"{type(model).__name__} has no group-parallel form: use a ResNeXt or ShuffleNet v1 model, "
+                     f"or mesh.model=1.")
+
+
+def partition_specs(tree: Any, rules: tuple) -> Any:
+    """A `PartitionSpec` per leaf: the first rule whose regex matches the leaf's path ("stage2/unit0/dw_conv/kernel",
+    also inside optimizer states and batch stats), else replicated."""
+    compiled = [(re.compile(pattern), P(*spec)) for pattern, spec in rules]
+
+    def spec(path, leaf):
+        name = _path_str(path)
+        for pattern, partition in compiled:
+            if pattern.search(name) and len(partition) <= jnp.ndim(leaf):
+                return partition
+        return P()
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def shard_state(state: Any, mesh: Mesh, state_specs: Any) -> Any:
+    """Places a state onto `mesh`: replicated for `P()`, else split as the pytree of specs says."""
+    if isinstance(state_specs, P):
+        return jax.device_put(state, NamedSharding(mesh, state_specs))
+    return jax.device_put(state, jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs,
+                                              is_leaf=lambda x: isinstance(x, P)))

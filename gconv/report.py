@@ -1,4 +1,5 @@
-"""Sweep reports: a markdown table and PNG plots from the `summary.json` of each run under a workdir."""
+"""Sweep reports: a markdown table and PNG plots from the `summary.json` of each run under a workdir, and for each
+run what its groups learned (`analyze_run`, from its last checkpoint)."""
 from __future__ import annotations
 
 import json
@@ -7,14 +8,18 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_summaries", "report_table", "write_report"]
+import numpy as np
+
+__all__ = ["load_summaries", "report_table", "analyze_run", "write_report"]
 
 COLUMNS = [  # (header, summary key, format)
     ("point", "name", "{}"), ("model", "model", "{}"), ("cardinality", "cardinality", "{}"),
     ("groups", "groups", "{}"), ("width", "width", "{}"), ("shuffle", "shuffle", "{}"),
     ("params", "params", "{:,}"), ("MFLOPs", "mflops", "{:,.1f}"),
     ("final top-1 err (%)", "final_top1_error", "{:.2f}"), ("best top-1 err (%)", "best_top1_error", "{:.2f}"),
-    ("paper top-1 err (%)", "paper_top1_error", "{:.1f}"), ("img/s", "img_per_sec", "{:,.0f}"),
+    ("paper top-1 err (%)", "paper_top1_error", "{:.1f}"),
+    ("block-diag. score", "block_diagonality", "{:.3f}"), ("chance", "chance", "{:.3f}"),
+    ("img/s", "img_per_sec", "{:,.0f}"),
     ("wall time (s)", "wall_time", "{:,.1f}"),
 ]
 
@@ -29,6 +34,9 @@ def load_summaries(workdir: str | Path) -> list[dict[str, Any]]:
     for path in sorted(workdir.glob("*/summary.json"), key=natural):
         s = json.loads(path.read_text())
         s["width"] = s.get("base_width") if s.get("base_width") is not None else s.get("width_multiplier")
+        analysis_path = path.parent / "analysis" / "analysis.json"
+        if analysis_path.exists():
+            s.update(json.loads(analysis_path.read_text())["summary"])
         summaries.append(s)
     return summaries
 
@@ -49,11 +57,7 @@ def report_table(summaries: list[dict[str, Any]]) -> str:
 
 
 def _plot(summaries: list[dict], x_key: str, x_label: str, path: Path, log_x: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
     series: dict[str, list] = {}
     for s in summaries:  # one line per model family / shuffle setting
@@ -77,9 +81,123 @@ def _plot(summaries: list[dict], x_key: str, x_label: str, path: Path, log_x: bo
     plt.close(fig)
 
 
-def write_report(workdir: str | Path) -> Path:
-    """Writes `report.md`, `error_vs_cardinality.png` (or `error_vs_groups.png`) and `error_vs_mflops.png`."""
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def analyze_run(run_dir: str | Path, num_images: int = 128) -> dict[str, Any]:
+    """For one finished run: filter-correlation heatmaps and block-diagonality scores of its grouped layer pairs,
+    first-layer and per-group kernel views, and its compute breakdown, as PNGs and `analysis.json` in
+    `RUN_DIR/analysis/`. Returns the JSON's content."""
+    import jax
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    from gconv import analysis, data
+    from gconv.train import build_model
+
+    run_dir = Path(run_dir)
+    config_path, ckpt_dir = run_dir / "config.json", run_dir / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.exists() else []
+    if not config_path.exists() or not steps:
+        raise FileNotFoundError(f"{run_dir} has no config.json and checkpoint: pass the directory of a run "
+                                f"(WORKDIR/POINT) that has trained.")
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    source, info = data.get_source(config.data, "eval")
+    batch = next(data.eval_batches(source, info, min(num_images, len(source))))["image"]
+    model = build_model(config, info.num_classes)
+    restored = ocp.StandardCheckpointer().restore((ckpt_dir / str(steps[-1]) / "default").absolute())
+    variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+    out_dir = run_dir / "analysis"
+    out_dir.mkdir(exist_ok=True)
+    plt = _pyplot()
+
+    pairs = []
+    for layer_a, layer_b in analysis.default_layer_pairs(model):
+        corr, score, groups = analysis.filter_correlation(model, variables, batch, layer_a, layer_b)
+        name = f"corr_{layer_b.split('/')[0]}.png"
+        fig, ax = plt.subplots(figsize=(4, 4), dpi=110)
+        ax.imshow(corr, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        ax.set_title(f"{layer_b.split('/')[0]}: |corr|, {groups} groups, score {score:.2f}", fontsize=8)
+        ax.set_xlabel(layer_b.split("/")[-1], fontsize=8)
+        ax.set_ylabel(layer_a.split("/")[-1], fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / name)
+        plt.close(fig)
+        pairs.append({"layer_a": layer_a, "layer_b": layer_b, "groups": groups, "score": score, "png": name})
+
+    params = jax.tree.map(np.asarray, variables["params"])
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=110)
+    ax.imshow(analysis.first_layer_view(params["stem_conv"]["kernel"]), cmap="gray", interpolation="nearest")
+    ax.set_title("first-layer filters", fontsize=8)
+    ax.axis("off")
+    fig.savefig(out_dir / "first_layer.png")
+    plt.close(fig)
+    if pairs:
+        *parents, leaf = pairs[0]["layer_b"].split("/")
+        kernel = params
+        for key in parents + [leaf, "kernel"]:
+            kernel = kernel[key]
+        views = analysis.kernel_views(kernel, pairs[0]["groups"])[:16]
+        fig, axes = plt.subplots(1, len(views), figsize=(1.2 * len(views) + 1, 3), dpi=110, squeeze=False)
+        for g, (ax, view) in enumerate(zip(axes[0], views)):
+            ax.imshow(view, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+            ax.set_title(f"group {g}", fontsize=7)
+            ax.axis("off")
+        fig.suptitle(f"{pairs[0]['layer_b']} kernels by group", fontsize=8)
+        fig.savefig(out_dir / "kernels_by_group.png")
+        plt.close(fig)
+
+    stages = analysis.compute_breakdown(model, info.image_shape)
+    scores = [p["score"] for p in pairs]
+    result = {"pairs": pairs, "breakdown": stages, "summary": {
+        "block_diagonality": float(np.mean(scores)) if scores else None,
+        "chance": float(np.mean([1 / p["groups"] for p in pairs])) if pairs else None}}
+    (out_dir / "analysis.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _plot_breakdown(workdir: Path, names: list[str]) -> None:
+    """Stacked bars of MACs per layer kind, one bar per sweep point."""
+    plt = _pyplot()
+    per_point = {}
+    for name in names:
+        path = workdir / name / "analysis" / "analysis.json"
+        if path.exists():
+            kinds: dict[str, float] = {}
+            for stage in json.loads(path.read_text())["breakdown"].values():
+                for kind, cost in stage.items():
+                    kinds[kind] = kinds.get(kind, 0.0) + cost["macs"] / 1e6
+            per_point[name] = kinds
+    if not per_point:
+        return
+    all_kinds = sorted({k for kinds in per_point.values() for k in kinds})
+    fig, ax = plt.subplots(figsize=(1.0 * len(per_point) + 3, 4), dpi=120)
+    bottom = np.zeros(len(per_point))
+    for kind in all_kinds:
+        values = np.array([per_point[n].get(kind, 0.0) for n in per_point])
+        ax.bar(list(per_point), values, bottom=bottom, label=kind)
+        bottom += values
+    ax.set_ylabel("MFLOPs (multiply-adds)")
+    ax.set_title("compute by layer kind", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(workdir / "compute_breakdown.png")
+    plt.close(fig)
+
+
+def write_report(workdir: str | Path, analyze: bool = True) -> Path:
+    """Writes `report.md`, `error_vs_cardinality.png` (or `error_vs_groups.png`) and `error_vs_mflops.png`; with
+    `analyze`, first runs `analyze_run` on each run and adds its scores, pictures and `compute_breakdown.png`."""
     workdir = Path(workdir)
+    if analyze:
+        for summary in load_summaries(workdir):
+            analyze_run(workdir / summary["name"])
     summaries = load_summaries(workdir)
     if not summaries:
         raise FileNotFoundError(f"no finished runs (*/summary.json) under {workdir}: run the sweep first.")
@@ -89,6 +207,14 @@ def write_report(workdir: str | Path) -> Path:
         _plot(summaries, key, label, workdir / name, log_x)
     text = [f"# Report: {workdir.name}", "", report_table(summaries), ""]
     text += [f"![{name}]({name})" for _, _, name, _ in plots]
+    if analyze:
+        _plot_breakdown(workdir, [s["name"] for s in summaries])
+        text += ["", "![compute_breakdown.png](compute_breakdown.png)", "", "## What the groups learn",
+                 "Block-diagonality: the share of |correlation| between a layer's filter responses and the next "
+                 "(grouped) layer's that falls inside the group blocks; `chance` is 1/groups. See docs/analysis.md."]
+        for s in summaries:
+            pngs = sorted((workdir / s["name"] / "analysis").glob("*.png"))
+            text += ["", f"### {s['name']}"] + [f"![{p.name}]({s['name']}/analysis/{p.name})" for p in pngs]
     path = workdir / "report.md"
     path.write_text("\n".join(text) + "\n")
     return path

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from gconv import data as data_lib
@@ -44,11 +45,11 @@ class TrainState:
     rng: jax.Array  # raw uint32 key, so checkpoints stay plain arrays
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int, axis_name: str | None = None) -> nn.Module:
+def build_model(config: ml_collections.ConfigDict, num_classes: int, **overrides: Any) -> nn.Module:
     """`config.model.name` with every other `config.model` key as an override (dtype given by name)."""
     kwargs = {k: v for k, v in config.model.items() if k != "name"}
     kwargs["dtype"] = jnp.dtype(kwargs.get("dtype", "float32"))
-    return create_model(config.model.name, num_classes=num_classes, axis_name=axis_name, **kwargs)
+    return create_model(config.model.name, num_classes=num_classes, **kwargs, **overrides)
 
 
 def create_optimizer(optim: ml_collections.ConfigDict, steps_per_epoch: int,
@@ -233,6 +234,23 @@ def _effective_name(name: str, model: nn.Module) -> str:
     return name
 
 
+def preflight(config: ml_collections.ConfigDict) -> None:
+    """Checks what can be checked before any work: the model name and overrides, the mesh against the devices and
+    batch sizes, and that the groups split over `mesh.model`. Raises `ValueError` naming the fix."""
+    mesh = parallel.make_mesh(config.mesh)
+    parallel.check_batch_divides(config.data.batch_size, mesh)
+    parallel.check_batch_divides(config.data.eval_batch_size, mesh)
+    model = build_model(config, 10)
+    model_size = mesh.shape[parallel.MODEL]
+    if model_size > 1:
+        parallel.group_parallel_rules(model)
+        groups = getattr(model, "cardinality", None) or getattr(model, "groups", 1)
+        if groups % model_size:
+            raise ValueError(f"{_effective_name(config.model.name, model)} has {groups} group(s), not divisible by "
+                             f"mesh.model={model_size}: group parallelism splits whole groups; run the points whose "
+                             f"groups divide {model_size} (--point), or use --config.mesh.model=1.")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any] | None:
     """Trains and evaluates one configuration in `workdir`; returns the run summary (also `summary.json`), or None
     when stopped by SIGTERM after saving a checkpoint."""
@@ -250,20 +268,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     # Devices: one jit-ed step, or a data-parallel one over the mesh's `data` axis.
     mesh = parallel.make_mesh(config.mesh)
-    if mesh.shape[parallel.MODEL] > 1:
-        raise ValueError(f"mesh.model={mesh.shape[parallel.MODEL]}: the training loop runs data parallel only; "
-                         f"use --config.mesh.model=1 (group-parallel modules live in gconv.parallel).")
-    distributed = mesh.size > 1
+    distributed, model_size = mesh.size > 1, mesh.shape[parallel.MODEL]
     if distributed:
         parallel.check_batch_divides(batch_size, mesh)
         parallel.check_batch_divides(config.data.eval_batch_size, mesh)
 
-    # Model, optimizer, state.
-    model = build_model(config, info.num_classes, axis_name=parallel.DATA if distributed else None)
+    # Model (global for init and counts; per device when groups are split), optimizer, state.
+    axis_name = parallel.DATA if distributed else None
+    model = build_model(config, info.num_classes, axis_name=axis_name)
+    local_model = model if model_size == 1 else build_model(
+        config, info.num_classes, axis_name=axis_name, model_axis=parallel.MODEL, model_size=model_size)
     tx, schedule = create_optimizer(config.optim, steps_per_epoch, total_steps)
     state = create_train_state(model, tx, info.image_shape, config.seed)
+    specs = P() if model_size == 1 else parallel.partition_specs(state, parallel.group_parallel_rules(model))
     if distributed:
-        state = jax.device_put(state, parallel.replicated(mesh))
+        state = parallel.shard_state(state, mesh, specs)
     manager = ocp.CheckpointManager(
         (run_dir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
@@ -272,19 +291,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     start_step = int(state.step)
     log = _MetricsLog(run_dir / "metrics.jsonl", start_step, enabled=is_main)
 
-    step_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+    step_fn = functools.partial(train_step, model=local_model, tx=tx, schedule=schedule,
                                 label_smoothing=config.optim.label_smoothing)
-    eval_fn = functools.partial(eval_step, model=model)
+    eval_fn = functools.partial(eval_step, model=local_model)
+    if config.parallel not in ("shard_map", "pmap") or (config.parallel == "pmap" and model_size > 1):
+        raise ValueError(f"parallel={config.parallel!r} with mesh.model={model_size}: use 'shard_map' "
+                         f"('pmap' runs data parallel only, mesh.model=1).")
     if not distributed:
         p_train, p_eval, place = jax.jit(step_fn, donate_argnums=0), jax.jit(eval_fn), lambda b: b
     elif config.parallel == "pmap":
         p_train, p_eval, place = parallel.pmap_data_parallel(step_fn), jax.jit(eval_fn), lambda b: b
-    elif config.parallel == "shard_map":
-        p_train = parallel.data_parallel(step_fn, mesh)
-        p_eval = parallel.data_parallel(eval_fn, mesh, donate=False)
-        place = functools.partial(_place, mesh=mesh)
     else:
-        raise ValueError(f"parallel={config.parallel!r}: use 'shard_map' or 'pmap'.")
+        p_train = parallel.shard_step(step_fn, mesh, specs)
+        p_eval = parallel.shard_step(eval_fn, mesh, specs, returns_state=False, donate=False)
+        place = functools.partial(_place, mesh=mesh)
     batches = map(place, data_lib.train_batches(train_source, info, batch_size, seed=config.seed,
                                                 start_step=start_step, augment=config.data.augment))
 

@@ -52,14 +52,14 @@ def test_data_parallel_step_equals_single_device_step_on_the_global_batch(setup)
     state, batch, step1, step8 = setup
     s1, m1 = jax.jit(step1)(state, batch)
     mesh = parallel.make_mesh({"data": 8, "model": 1})
-    s8, m8 = parallel.data_parallel(step8, mesh, donate=False)(jax.device_put(state, parallel.replicated(mesh)),
+    s8, m8 = parallel.shard_step(step8, mesh, donate=False)(jax.device_put(state, parallel.replicated(mesh)),
                                                                parallel.shard_batch(batch, mesh))
     for k in ("loss", "accuracy", "grad_norm"):
         np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5)
     assert _max_diff(s1.params, s8.params) < 1e-5  # so the gradients agree
     assert _max_diff(s1.batch_stats, s8.batch_stats) < 1e-5  # BN statistics of the global batch
     # Without cross-device BN the statistics would be per-device: the test can tell.
-    s_local, _ = parallel.data_parallel(step1, mesh, donate=False)(
+    s_local, _ = parallel.shard_step(step1, mesh, donate=False)(
         jax.device_put(state, parallel.replicated(mesh)), parallel.shard_batch(batch, mesh))
     assert _max_diff(s1.batch_stats, s_local.batch_stats) > 1e-4
 
@@ -67,7 +67,7 @@ def test_data_parallel_step_equals_single_device_step_on_the_global_batch(setup)
 def test_pmap_path_equals_shard_map_path(setup):
     state, batch, _, step8 = setup
     mesh = parallel.make_mesh({"data": 8, "model": 1})
-    s_sm, m_sm = parallel.data_parallel(step8, mesh, donate=False)(
+    s_sm, m_sm = parallel.shard_step(step8, mesh, donate=False)(
         jax.device_put(state, parallel.replicated(mesh)), parallel.shard_batch(batch, mesh))
     s_pm, m_pm = parallel.pmap_data_parallel(step8)(state, batch)
     np.testing.assert_allclose(m_pm["loss"], m_sm["loss"], rtol=1e-6)
@@ -79,7 +79,7 @@ def test_data_parallel_hlo_keeps_grouped_convs_local(setup):
     """No all-gather of activations: every device convolves its own slice; only reductions cross devices."""
     state, batch, _, step8 = setup
     mesh = parallel.make_mesh({"data": 8, "model": 1})
-    hlo = parallel.data_parallel(step8, mesh, donate=False).lower(
+    hlo = parallel.shard_step(step8, mesh, donate=False).lower(
         jax.device_put(state, parallel.replicated(mesh)), parallel.shard_batch(batch, mesh)).compile().as_text()
     assert "all-gather" not in hlo
     assert "all-reduce" in hlo
@@ -110,3 +110,67 @@ def test_cli_run_on_8_devices_resumes_on_1(tmp_path):
     launch(*args, "--config.mesh.data=1")  # restores the 8-device checkpoint onto one device
     again = json.loads((tmp_path / "c2" / "summary.json").read_text())
     assert again["final_top1_error"] == first["final_top1_error"]
+
+
+# --- group parallel ---------------------------------------------------------------------------------------------
+
+def test_sharded_channel_shuffle_equals_channel_shuffle():
+    from gconv import ops
+
+    mesh = parallel.make_mesh({"data": 1, "model": 4})
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 64))  # 8 groups of 8 channels, 2 groups per device
+    spec = jax.sharding.PartitionSpec(None, None, parallel.MODEL)
+    sharded = jax.shard_map(lambda v: ops.sharded_channel_shuffle(v, 8, parallel.MODEL, 4), mesh=mesh,
+                            in_specs=spec, out_specs=spec, check_vma=False)
+    np.testing.assert_array_equal(jax.jit(sharded)(x), ops.channel_shuffle(x, 8))
+    with pytest.raises(ValueError, match="cannot be split over 4 devices"):
+        ops.sharded_channel_shuffle(jnp.zeros((2, 9)), 6, parallel.MODEL, 4)
+
+
+@pytest.mark.parametrize("name", ["resnext11_8x4d", "shufflenet_g8_w1"])
+def test_group_parallel_train_step_on_a_2x4_mesh_equals_one_device(name):
+    """ResNeXt blocks (column/row-parallel 1x1s around local grouped 3x3s) and ShuffleNet v1 units (local, one
+    all_to_all per shuffle), groups split over model=4 and the batch over data=2: forward (loss), gradients
+    (parameters after one SGD step) and BN statistics equal the unsharded model's."""
+    config = base_config()
+    kw = dict(num_classes=10, stage_sizes=(1, 1, 1))
+    single = create_model(name, **kw)
+    local = create_model(name, axis_name=parallel.DATA, model_axis=parallel.MODEL, model_size=4, **kw)
+    tx, schedule = train.create_optimizer(config.optim, 10, 100)
+    state = train.create_train_state(single, tx, (32, 32, 3), 0)
+    batch = {"image": 1.0 + jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3)), "label": jnp.arange(8) % 10}
+    s1, m1 = jax.jit(functools.partial(train.train_step, model=single, tx=tx, schedule=schedule))(state, batch)
+    mesh = parallel.make_mesh({"data": 2, "model": 4})
+    specs = parallel.partition_specs(state, parallel.group_parallel_rules(single))
+    step = parallel.shard_step(functools.partial(train.train_step, model=local, tx=tx, schedule=schedule), mesh,
+                               specs, donate=False)
+    placed = parallel.shard_state(state, mesh, specs)
+    s8, m8 = step(placed, parallel.shard_batch(batch, mesh))
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    assert _max_diff(s1.params, state.params) > 1e-3  # the step moved the parameters
+    assert _max_diff(s1.params, s8.params) < 1e-5
+    assert _max_diff(s1.batch_stats, s8.batch_stats) < 1e-5
+    # Each device holds only its groups' weights: a grouped kernel is split 4 ways.
+    kernel = s8.params["stage2"]["block0" if "resnext" in name else "unit0"]
+    kernel = kernel["conv_group" if "resnext" in name else "expand_conv"]["kernel"]
+    assert {s.data.shape[-1] for s in kernel.addressable_shards} == {kernel.shape[-1] // 4}
+    hlo = step.lower(placed, parallel.shard_batch(batch, mesh)).compile().as_text()
+    if "shufflenet" in name:
+        assert "all-to-all" in hlo  # the channel shuffle
+    else:
+        assert "all-gather" not in hlo  # ResNeXt blocks need only reductions
+
+
+def test_group_parallel_refuses_what_it_cannot_split():
+    with pytest.raises(ValueError, match="ShuffleNetV2 has no group-parallel form"):
+        parallel.group_parallel_rules(create_model("shufflenet_v2_x0_5"))
+
+
+def test_cli_group_parallel_run_and_preflight(tmp_path):
+    proc = launch(*TINY[:-1], "--workdir", str(tmp_path), "--config.num_steps=4", "--config.mesh.data=4",
+                  "--config.mesh.model=2")
+    assert "resnext11_2x10d" in proc.stdout
+    bad = launch("--config", "experiments/default.py:local", "--workdir", str(tmp_path / "bad"),
+                 "--config.mesh.model=2", check=False)
+    assert bad.returncode != 0 and "sweep point 'c1'" in bad.stderr and "not divisible by mesh.model=2" in bad.stderr
+    assert not (tmp_path / "bad").exists()  # refused before anything ran

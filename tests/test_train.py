@@ -139,8 +139,14 @@ def test_report_rebuilds_table_and_plots(tmp_path):
     table = (tmp_path / "report.md").read_text()
     assert "| c1 | resnext11_1x16d | 1 | 16 |" in table and "| c4 | resnext11_4x6d | 4 | 6 |" in table
     assert "c4" in proc.stdout
-    for name in ("error_vs_cardinality.png", "error_vs_mflops.png"):
+    assert "block-diag. score" in table and "## What the groups learn" in table
+    pngs = ["error_vs_cardinality.png", "error_vs_mflops.png", "compute_breakdown.png", "c4/analysis/corr_stage1.png",
+            "c4/analysis/kernels_by_group.png", "c4/analysis/first_layer.png"]
+    for name in pngs:
         image = matplotlib.image.imread(tmp_path / name)
         assert image.shape[0] > 100 and float(image[..., :3].std()) > 0.01  # opens, and is not blank
+    analyzed = launch("analyze", str(tmp_path / "c4"))
+    assert "stage1/block0/conv_reduce -> stage1/block0/conv_group: block-diagonality" in analyzed.stdout
+    assert "(chance 0.250)" in analyzed.stdout
     missing = launch("report", str(tmp_path / "nothing"), check=False)
     assert missing.returncode != 0 and "does not exist" in missing.stderr

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gconv import ops
 from gconv.layers import GroupedConv
 
 ModuleDef = Callable[..., nn.Module]
@@ -46,8 +47,23 @@ def avg_pool_3x3_s2(x: jax.Array) -> jax.Array:
     return nn.avg_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), count_include_pad=True)
 
 
-def classifier(x: jax.Array, num_classes: int, dtype: Any, param_dtype: Any) -> jax.Array:
-    """Global average pool + dense head. `x: (N, H, W, C) -> (N, num_classes)` float32 logits."""
+class RowParallelDense(nn.Dense):
+    """`nn.Dense` over features split across `model_axis`: local partial products, one `psum`, then the bias."""
+    model_axis: str = "model"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return ops.model_parallel_output(x @ kernel, self.model_axis) + bias
+
+
+def classifier(x: jax.Array, num_classes: int, dtype: Any, param_dtype: Any,
+               model_axis: str | None = None) -> jax.Array:
+    """Global average pool + dense head. `x: (N, H, W, C) -> (N, num_classes)` float32 logits. With `model_axis`,
+    `x` holds this device's block of channels and the head is row-parallel."""
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(num_classes, dtype=dtype, param_dtype=param_dtype, name="head")(x)
+    dense = functools.partial(RowParallelDense, model_axis=model_axis) if model_axis else nn.Dense
+    x = dense(num_classes, dtype=dtype, param_dtype=param_dtype, name="head")(x)
     return x.astype(jnp.float32)

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gconv import ops
 from gconv.models.common import ModuleDef, classifier, conv_factory, max_pool_3x3_s2, norm_factory
 
 EXPANSION = 4
@@ -22,6 +23,10 @@ class ResNeXtBottleneck(nn.Module):
 
     `x: (N, H, W, C_in) -> (N, H / strides, W / strides, 4 * planes)`; the shortcut is a 1x1 conv + BN projection
     when the shape changes.
+
+    Group parallel (`model_size > 1`, inside `shard_map` over `model_axis`): each device holds `1 / model_size` of
+    the groups: the reduce 1x1 is column-parallel, the grouped 3x3 and its BNs are local, the expand 1x1 is
+    row-parallel, and one `psum` per block joins the partial sums. Activations outside the block are replicated.
     """
     planes: int
     width: int  # channels of the grouped 3x3: cardinality * d
@@ -30,15 +35,23 @@ class ResNeXtBottleneck(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     zero_init_last_bn: bool = False
+    model_axis: str | None = None
+    model_size: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         out_features = self.planes * EXPANSION
+        m = self.model_size
+        if self.cardinality % m:
+            raise ValueError(f"cardinality={self.cardinality} is not divisible by the {m} devices of the model axis.")
         shortcut = x
-        y = nn.relu(self.norm(name="bn_reduce")(self.conv(self.width, 1, name="conv_reduce")(x)))
-        y = self.conv(self.width, 3, groups=self.cardinality, strides=self.strides, name="conv_group")(y)
+        y = ops.model_parallel_input(x, self.model_axis) if m > 1 else x
+        y = nn.relu(self.norm(name="bn_reduce")(self.conv(self.width // m, 1, name="conv_reduce")(y)))
+        y = self.conv(self.width // m, 3, groups=self.cardinality // m, strides=self.strides, name="conv_group")(y)
         y = nn.relu(self.norm(name="bn_group")(y))
         y = self.conv(out_features, 1, name="conv_expand")(y)
+        if m > 1:
+            y = ops.model_parallel_output(y, self.model_axis)
         scale_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
         y = self.norm(scale_init=scale_init, name="bn_expand")(y)
         if self.strides != 1 or x.shape[-1] != out_features:
@@ -57,12 +70,15 @@ class ResNeXtStage(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     zero_init_last_bn: bool = False
+    model_axis: str | None = None
+    model_size: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.num_blocks):
             x = ResNeXtBottleneck(self.planes, self.width, self.cardinality, self.strides if j == 0 else 1,
-                                  self.conv, self.norm, self.zero_init_last_bn, name=f"block{j}")(x)
+                                  self.conv, self.norm, self.zero_init_last_bn, self.model_axis, self.model_size,
+                                  name=f"block{j}")(x)
         return x
 
 
@@ -85,6 +101,8 @@ class ResNeXt(nn.Module):
     bn_epsilon: float = 1e-5
     axis_name: str | None = None
     zero_init_last_bn: bool = False
+    model_axis: str | None = None  # group parallel: see ResNeXtBottleneck and gconv.parallel
+    model_size: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -101,5 +119,13 @@ class ResNeXt(nn.Module):
             planes = self.base_planes * 2**i
             width = int(planes * self.base_width / self.base_planes) * self.cardinality
             x = ResNeXtStage(num_blocks, planes, width, self.cardinality, 1 if i == 0 else 2, conv, norm,
-                             self.zero_init_last_bn, name=f"stage{i + 1}")(x)
+                             self.zero_init_last_bn, self.model_axis, self.model_size, name=f"stage{i + 1}")(x)
         return classifier(x, self.num_classes, self.dtype, self.param_dtype)
+
+
+# Group parallel: how each parameter (and its optimizer state) is split over the `model` axis; the rest is replicated.
+GROUP_PARALLEL_RULES = (
+    (r"conv_(reduce|group)/kernel", (None, None, None, "model")),  # output channels = this device's groups
+    (r"bn_(reduce|group)/", ("model",)),
+    (r"conv_expand/kernel", (None, None, "model", None)),  # input rows of the row-parallel 1x1
+)

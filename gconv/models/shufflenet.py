@@ -63,6 +63,10 @@ class ShuffleUnit(nn.Module):
 
     Stride 2 concatenates a 3x3/2 average-pooled shortcut (so the branch produces `out_features - C_in` channels);
     stride 1 adds the identity; ReLU after either. `x: (N, H, W, C_in) -> (N, H / strides, W / strides, out)`.
+
+    Group parallel (`model_size > 1`, inside `shard_map` over `model_axis`): channels are split in contiguous
+    blocks, so each device holds `groups / model_size` whole groups and the unit is local except for its channel
+    shuffle, one `all_to_all`. Stride-2 units gather their concatenation to keep the unsharded channel order.
     """
     out_features: int
     groups: int
@@ -71,21 +75,36 @@ class ShuffleUnit(nn.Module):
     norm: ModuleDef
     group_first: bool = True  # False for stage 2's first unit, whose 24-channel input is too thin to group
     shuffle: bool = True
+    model_axis: str | None = None
+    model_size: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        m, axis = self.model_size, self.model_axis
+        if self.groups % m:
+            raise ValueError(f"groups={self.groups} is not divisible by the {m} devices of the model axis.")
+        sharded_input = m > 1 and self.group_first  # only stage 2's first unit sees the replicated stem output
+        if m > 1 and not sharded_input:
+            x = ops.model_parallel_input(x, axis)
+        c_in = x.shape[-1] * (m if sharded_input else 1)
         mid = self.out_features // 4
-        branch_out = self.out_features - x.shape[-1] if self.strides == 2 else self.out_features
-        y = self.conv(mid, 1, groups=self.groups if self.group_first else 1, name="compress_conv")(x)
+        branch_out = self.out_features - c_in if self.strides == 2 else self.out_features
+        y = self.conv(mid // m, 1, groups=self.groups // m if self.group_first else 1, name="compress_conv")(x)
         y = nn.relu(self.norm(name="compress_bn")(y))
         if self.shuffle:
-            y = ops.channel_shuffle(y, self.groups)
-        y = self.conv(mid, 3, groups=mid, strides=self.strides, name="dw_conv")(y)
+            y = ops.sharded_channel_shuffle(y, self.groups, axis, m) if m > 1 else ops.channel_shuffle(y, self.groups)
+        y = self.conv(mid // m, 3, groups=mid // m, strides=self.strides, name="dw_conv")(y)
         y = self.norm(name="dw_bn")(y)
-        y = self.conv(branch_out, 1, groups=self.groups, name="expand_conv")(y)
+        y = self.conv(branch_out // m, 1, groups=self.groups // m, name="expand_conv")(y)
         y = self.norm(name="expand_bn")(y)
-        y = jnp.concatenate([y, avg_pool_3x3_s2(x)], axis=-1) if self.strides == 2 else y + x
-        return nn.relu(y)
+        if self.strides == 1:
+            return nn.relu(y + x)
+        pooled = avg_pool_3x3_s2(x)
+        if m == 1:
+            return nn.relu(jnp.concatenate([y, pooled], axis=-1))
+        pooled = ops.gather_channels(pooled, axis) if sharded_input else pooled
+        full = jnp.concatenate([ops.gather_channels(y, axis), pooled], axis=-1)
+        return nn.relu(ops.local_channels(full, axis, m))
 
 
 class ShuffleNetV1Stage(nn.Module):
@@ -97,12 +116,15 @@ class ShuffleNetV1Stage(nn.Module):
     norm: ModuleDef
     group_first: bool = True
     shuffle: bool = True
+    model_axis: str | None = None
+    model_size: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.num_units):
             x = ShuffleUnit(self.out_features, self.groups, 2 if j == 0 else 1, self.conv, self.norm,
-                            group_first=self.group_first or j > 0, shuffle=self.shuffle, name=f"unit{j}")(x)
+                            group_first=self.group_first or j > 0, shuffle=self.shuffle, model_axis=self.model_axis,
+                            model_size=self.model_size, name=f"unit{j}")(x)
         return x
 
 
@@ -118,6 +140,8 @@ class ShuffleNetV1(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     axis_name: str | None = None
+    model_axis: str | None = None  # group parallel: see ShuffleUnit and gconv.parallel
+    model_size: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -128,8 +152,10 @@ class ShuffleNetV1(nn.Module):
         x = max_pool_3x3_s2(nn.relu(norm(name="stem_bn")(x)))
         for i, (num_units, features) in enumerate(zip(self.stage_sizes, stages)):
             x = ShuffleNetV1Stage(num_units, features, self.groups, conv, norm, group_first=i > 0,
-                                  shuffle=self.shuffle, name=f"stage{i + 2}")(x)
-        return classifier(x, self.num_classes, self.dtype, self.param_dtype)
+                                  shuffle=self.shuffle, model_axis=self.model_axis, model_size=self.model_size,
+                                  name=f"stage{i + 2}")(x)
+        return classifier(x, self.num_classes, self.dtype, self.param_dtype,
+                          self.model_axis if self.model_size > 1 else None)
 
 
 # torchvision's stage output channels (stages 2-4, then the final 1x1 conv) for each width.
@@ -207,3 +233,11 @@ class ShuffleNetV2(nn.Module):
             x = ShuffleNetV2Stage(num_units, features, conv, norm, name=f"stage{i + 2}")(x)
         x = nn.relu(norm(name="last_bn")(conv(last, 1, name="last_conv")(x)))
         return classifier(x, self.num_classes, self.dtype, self.param_dtype)
+
+
+# Group parallel: how each parameter (and its optimizer state) is split over the `model` axis; the rest is replicated.
+V1_GROUP_PARALLEL_RULES = (
+    (r"unit\d+/(compress|dw|expand)_conv/kernel", (None, None, None, "model")),
+    (r"unit\d+/(compress|dw|expand)_bn/", ("model",)),
+    (r"head/kernel", ("model", None)),  # row-parallel classifier over the split features
+)

@@ -1,0 +1,143 @@
+"""What groups learn: inter-layer filter correlation (Ioannou et al. 2017), kernel views, compute breakdowns.
+
+Pure functions over a model, its variables and a batch; nothing here trains.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gconv.complexity import breakdown
+from gconv.layers import GroupedConv
+
+__all__ = ["layer_outputs", "filter_correlation", "block_diagonality", "kernel_views", "first_layer_view",
+           "default_layer_pairs", "compute_breakdown"]
+
+
+def layer_outputs(model: nn.Module, variables: Any, batch: jax.Array, paths: Sequence[str]) -> dict[str, jax.Array]:
+    """Outputs of the modules at `paths` ("stage1/block0/conv_group") on `batch`, in eval mode."""
+    found: dict[str, jax.Array] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        path = "/".join(context.module.scope.path)
+        if context.method_name == "__call__" and path in paths:
+            found[path] = out
+        return out
+
+    with nn.intercept_methods(interceptor):
+        model.apply(variables, batch, train=False)
+    missing = [p for p in paths if p not in found]
+    if missing:
+        raise ValueError(f"no layer at {missing} in {type(model).__name__}; layer paths look like "
+                         f"'stage1/block0/conv_group' (see gconv.complexity.layer_costs for all of them).")
+    return found
+
+
+def _grouped_module(model: nn.Module, variables: Any, batch: jax.Array, path: str) -> int:
+    groups = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and "/".join(context.module.scope.path) == path:
+            groups[path] = context.module.groups if isinstance(context.module, GroupedConv) else 1
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        model.apply(variables, batch[:1], train=False)
+    return groups.get(path, 1)
+
+
+def filter_correlation(model: nn.Module, variables: Any, batch: jax.Array, layer_a: str,
+                       layer_b: str) -> tuple[np.ndarray, float, int]:
+    """|correlation| between each filter response of `layer_a` and each of `layer_b` over all images and positions.
+
+    Returns `(corr: (C_a, C_b), score, groups)`: `score = block_diagonality(corr, groups)` with `groups` of
+    `layer_b`. `layer_a`'s responses are average-pooled to `layer_b`'s spatial size when `layer_b` strides.
+    """
+    outs = layer_outputs(model, variables, batch, [layer_a, layer_b])
+    a, b = np.asarray(outs[layer_a], np.float64), np.asarray(outs[layer_b], np.float64)
+    if a.shape[1:3] != b.shape[1:3]:
+        fh, fw = a.shape[1] // b.shape[1], a.shape[2] // b.shape[2]
+        a = a[:, :b.shape[1] * fh, :b.shape[2] * fw].reshape(a.shape[0], b.shape[1], fh, b.shape[2], fw, -1)
+        a = a.mean(axis=(2, 4))
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    a = (a - a.mean(0)) / (a.std(0) + 1e-12)
+    b = (b - b.mean(0)) / (b.std(0) + 1e-12)
+    corr = np.abs(a.T @ b) / a.shape[0]
+    groups = _grouped_module(model, variables, batch, layer_b)
+    return corr, block_diagonality(corr, groups), groups
+
+
+def block_diagonality(corr: np.ndarray, groups: int) -> float:
+    """Fraction of the correlation mass inside the `groups` diagonal blocks (rows and columns split evenly).
+
+    1.0: the groups' responses are unrelated; `1 / groups`: no structure (what a dense random layer gives).
+    """
+    rows, cols = corr.shape
+    if rows % groups or cols % groups:
+        raise ValueError(f"a {rows}x{cols} correlation matrix does not split into {groups} groups.")
+    inside = sum(corr[i * rows // groups:(i + 1) * rows // groups, i * cols // groups:(i + 1) * cols // groups].sum()
+                 for i in range(groups))
+    return float(inside / corr.sum())
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    span = x.max() - x.min()
+    return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+
+
+def kernel_views(kernel: Any, groups: int) -> list[np.ndarray]:
+    """One grayscale image per group, in group order: `kernel: (kh, kw, C_in // groups, C_out)` -> images of shape
+    `(C_out // groups * (kh + 1) - 1, C_in // groups * (kw + 1) - 1)`, a tile per (output, input) channel pair,
+    scaled to [0, 1] over the whole kernel so groups compare."""
+    k = _normalize(np.asarray(kernel, np.float64))
+    kh, kw, cin, cout = k.shape
+    if cout % groups:
+        raise ValueError(f"C_out={cout} is not divisible by groups={groups}.")
+    per = cout // groups
+    views = []
+    for g in range(groups):
+        image = np.ones((per * (kh + 1) - 1, cin * (kw + 1) - 1))
+        for o in range(per):
+            for i in range(cin):
+                image[o * (kh + 1):o * (kh + 1) + kh, i * (kw + 1):i * (kw + 1) + kw] = k[:, :, i, g * per + o]
+        views.append(image)
+    return views
+
+
+def first_layer_view(kernel: Any, columns: int = 8) -> np.ndarray:
+    """The first layer's filters as a grid of tiles (RGB when C_in = 3, else the mean over input channels)."""
+    k = np.asarray(kernel, np.float64)
+    kh, kw, cin, cout = k.shape
+    tiles = k if cin == 3 else k.mean(axis=2, keepdims=True)
+    rows = -(-cout // columns)
+    image = np.ones((rows * (kh + 1) - 1, columns * (kw + 1) - 1, tiles.shape[2]))
+    for o in range(cout):
+        r, c = divmod(o, columns)
+        image[r * (kh + 1):r * (kh + 1) + kh, c * (kw + 1):c * (kw + 1) + kw] = _normalize(tiles[..., o])
+    return image if cin == 3 else image[..., 0]
+
+
+def default_layer_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """Adjacent layer pairs whose second layer is grouped, one per stage: for ResNeXt the first block's
+    (reduce 1x1, grouped 3x3); for ShuffleNet v1 the second unit's (depthwise 3x3, grouped expand 1x1)."""
+    stages = getattr(model, "stage_sizes", ())
+    if hasattr(model, "cardinality"):
+        return [(f"stage{i + 1}/block0/conv_reduce", f"stage{i + 1}/block0/conv_group") for i in range(len(stages))]
+    if hasattr(model, "groups"):
+        return [(f"stage{i + 2}/unit1/dw_conv", f"stage{i + 2}/unit1/expand_conv")
+                for i, n in enumerate(stages) if n > 1]
+    return []
+
+
+def compute_breakdown(model: nn.Module, input_shape: Sequence[int]) -> dict[str, dict[str, dict[str, int]]]:
+    """`{stage: {kind: {"params": ..., "macs": ...}}}` from `gconv.complexity`; kinds are stem, dense_1x1,
+    dense_kxk, grouped, depthwise and head."""
+    table: dict[str, dict[str, dict[str, int]]] = {}
+    for (stage, kind), cost in breakdown(model, input_shape).items():
+        table.setdefault(stage, {})[kind] = cost
+    return table
