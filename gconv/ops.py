@@ -18,9 +18,21 @@ IntOrSeq = Union[int, Sequence[int]]
 Padding = Union[str, int, Sequence[int], Sequence[tuple[int, int]]]
 
 IMPLS = ("auto", "xla", "blockdiag", "split")
-# On the CPU, XLA's native grouped conv is 10-30x slower than a dense conv over a block-diagonal kernel, forward and
-# backward (bench/RESULTS.md); the dense kernel is used while it stays below this many elements (64 MB in f32).
-_BLOCKDIAG_MAX_KERNEL = 2**24
+# On the CPU, XLA's native grouped conv is up to 60x slower forward+backward than the same function as one dense
+# conv over a block-diagonal kernel or as one conv per group (bench/RESULTS.md). "auto" takes the block-diagonal
+# kernel while it is small, one conv per group for up to 64 groups, the block-diagonal kernel again below 64 MB.
+_BLOCKDIAG_SMALL, _SPLIT_MAX_GROUPS, _BLOCKDIAG_MAX = 2**16, 64, 2**24
+
+
+def _auto_impl(kernel_shape: tuple[int, ...], c_in: int, groups: int) -> str:
+    if groups == 1 or jax.default_backend() != "cpu":
+        return "xla"
+    dense_size = math.prod(kernel_shape[:-2]) * c_in * kernel_shape[-1]
+    if dense_size <= _BLOCKDIAG_SMALL:
+        return "blockdiag"
+    if groups <= _SPLIT_MAX_GROUPS:
+        return "split"
+    return "blockdiag" if dense_size <= _BLOCKDIAG_MAX else "xla"
 
 __all__ = [
     "IMPLS",
@@ -125,7 +137,7 @@ def grouped_conv(
       padding: "SAME", "VALID", an int, one int per dim, or one `(low, high)` pair per dim.
       impl: the lowering, all computing the same function: "xla" (`feature_group_count`), "blockdiag" (one dense
         conv over a block-diagonal kernel: `groups` times the MACs, but far faster on the CPU), "split" (one conv per
-        group) or "auto" (blockdiag on the CPU while its kernel is small, else xla).
+        group) or "auto" (on the CPU the faster of blockdiag and split by shape; elsewhere xla).
     Returns:
       `(N, *spatial_out, C_out)`.
     """
@@ -133,9 +145,7 @@ def grouped_conv(
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}.")
     if impl == "auto":
-        dense_size = math.prod(kernel.shape[:-2]) * x.shape[-1] * kernel.shape[-1]
-        use_dense = groups > 1 and jax.default_backend() == "cpu" and dense_size <= _BLOCKDIAG_MAX_KERNEL
-        impl = "blockdiag" if use_dense else "xla"
+        impl = _auto_impl(kernel.shape, x.shape[-1], groups)
     kwargs = dict(strides=strides, padding=padding, dilation=dilation, precision=precision,
                   preferred_element_type=preferred_element_type)
     if impl == "split":
