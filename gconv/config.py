@@ -147,5 +147,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 500
     config.checkpoint_every_steps = 500
     config.keep_checkpoints = 2
+    config.init_from = ""  # a PyTorch checkpoint (.pth/.safetensors) to start from, see gconv.convert
     config.paper_top1_error = -1.0  # the published figure for this point, shown beside ours; < 0 = none
     return config

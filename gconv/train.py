@@ -216,6 +216,18 @@ def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
+def _init_from_torch(state: TrainState, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                     num_classes: int) -> TrainState:
+    """Parameters and BN statistics from a PyTorch checkpoint (classifier replaced when the classes differ)."""
+    from gconv.convert import load_torch_weights
+
+    overrides = {k: v for k, v in config.model.items() if k not in ("name", "dtype")}
+    variables = load_torch_weights(config.model.name, config.init_from, num_classes=num_classes, seed=config.seed,
+                                   **overrides)
+    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                         opt_state=tx.init(variables["params"]))
+
+
 def _place(batch: dict, mesh) -> dict:
     """This process's rows of a global host batch, as arrays split over the mesh's `data` axis."""
     per_process = len(batch["label"]) // jax.process_count()
@@ -280,6 +292,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         config, info.num_classes, axis_name=axis_name, model_axis=parallel.MODEL, model_size=model_size)
     tx, schedule = create_optimizer(config.optim, steps_per_epoch, total_steps)
     state = create_train_state(model, tx, info.image_shape, config.seed)
+    if config.init_from:
+        state = _init_from_torch(state, tx, config, info.num_classes)
     specs = P() if model_size == 1 else parallel.partition_specs(state, parallel.group_parallel_rules(model))
     if distributed:
         state = parallel.shard_state(state, mesh, specs)
