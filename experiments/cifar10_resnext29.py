@@ -7,7 +7,7 @@ and 225; pad-4 random crops and flips. Needs CIFAR-10 prepared through TFDS (see
     python launch.py --config experiments/cifar10_resnext29.py:local      # seconds: tiny model, synthetic data
 """
 from gconv.complexity import preserving_width
-from gconv.config import base_config
+from gconv.config import base_config, make_local
 
 CARDINALITIES = (1, 2, 4, 8, 16)
 PAPER_ERRORS = {"cifar10": {"8x64d": 3.65, "16x64d": 3.58}, "cifar100": {"8x64d": 17.77, "16x64d": 17.31}}
@@ -31,10 +31,7 @@ def get_config(arg=None):
     config.checkpoint_every_steps = 390 * 5
     if arg == "local":  # wiring check: the same recipe on a tiny model and synthetic CIFAR-shaped data
         config.model.name, config.model.base_width = "resnext11_8x4d", 4
-        config.data.name = "synthetic"
-        config.data.batch_size = 16
-        config.num_epochs, config.num_steps = 1.0, 4
-        config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+        make_local(config, image_size=32)
     return config
 
 

@@ -7,7 +7,7 @@ Recipe from the paper: SGD momentum 0.9, lr 0.1 per 256 images, weight decay 1e-
     python launch.py --config experiments/imagenet_resnext50.py:local        # seconds: tiny model, synthetic
 """
 from gconv.complexity import preserving_width
-from gconv.config import base_config
+from gconv.config import base_config, make_local
 
 PAPER_ERRORS = {1: 23.9, 2: 23.0, 4: 22.6, 8: 22.3, 32: 22.2}  # Table 3, top-1 error (%), 224 single crop
 
@@ -31,12 +31,8 @@ def get_config(arg=None):
     config.eval_every_steps = 5000
     config.checkpoint_every_steps = 1000
     if arg == "local":  # wiring check: tiny model, synthetic 32x32 data
-        config.model.name, config.model.dtype = "resnext11_8x4d", "float32"
-        config.data.name = "synthetic"
-        config.data.image_size = 32
-        config.data.batch_size = 16
-        config.num_steps = 4
-        config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+        config.model.name = "resnext11_8x4d"
+        make_local(config, image_size=32)
     return config
 
 

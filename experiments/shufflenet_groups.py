@@ -5,7 +5,7 @@ Recipe from the paper: SGD momentum 0.9, batch 1024, lr 0.5 decayed linearly to 
 decay 4e-5; here as epochs of ImageNet (1.28M images: 300k x 1024 / 1.28M = 240 epochs). Needs imagenet2012
 prepared through TFDS; `:imagenette` runs on the 10-class subset, `:local` in seconds on synthetic data.
 """
-from gconv.config import base_config
+from gconv.config import base_config, make_local
 
 GROUPS = (1, 2, 3, 4, 8)
 WIDTHS = {"w1": 1.0, "wd2": 0.5, "wd4": 0.25}
@@ -32,12 +32,7 @@ def get_config(arg=None):
     config.eval_every_steps = 5000
     config.checkpoint_every_steps = 1000
     if arg == "local":  # wiring check: synthetic 64x64 data, 4 steps
-        config.model.dtype = "float32"
-        config.data.name = "synthetic"
-        config.data.image_size = 64
-        config.data.batch_size = 16
-        config.num_steps = 4
-        config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+        make_local(config, image_size=64)
     return config
 
 

@@ -150,3 +150,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.init_from = ""  # a PyTorch checkpoint (.pth/.safetensors) to start from, see gconv.convert
     config.paper_top1_error = -1.0  # the published figure for this point, shown beside ours; < 0 = none
     return config
+
+
+def make_local(config: ml_collections.ConfigDict, image_size: int = 32) -> ml_collections.ConfigDict:
+    """The seconds-long debugging variant of an experiment: synthetic data, float32, 4 steps of batch 16, logs,
+    evals and checkpoints every 2 steps. Model and optimizer are the experiment's own unless the caller changes them."""
+    config.model.dtype = "float32"
+    config.data.name = "synthetic"
+    config.data.image_size = image_size
+    config.data.batch_size = 16
+    config.num_steps = 4
+    config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+    return config

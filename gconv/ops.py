@@ -152,6 +152,11 @@ def grouped_conv(
         return grouped_conv_reference(x, kernel, groups, **kwargs)
     if impl == "blockdiag" and groups > 1:
         kernel, groups = block_diagonal_kernel(kernel, groups), 1
+    return _lax_conv(x, kernel, groups, nd, **kwargs)
+
+
+def _lax_conv(x: jax.Array, kernel: jax.Array, groups: int, nd: int, *, strides: IntOrSeq, padding: Padding,
+              dilation: IntOrSeq, precision: lax.PrecisionLike, preferred_element_type: jnp.dtype | None) -> jax.Array:
     return lax.conv_general_dilated(
         x, kernel,
         window_strides=_per_dim(strides, nd, "strides"),
@@ -185,22 +190,14 @@ def grouped_conv_reference(
 ) -> jax.Array:
     """The definition of a grouped conv: split the channels, one dense conv per group, concatenate.
 
-    Same arguments and result as `grouped_conv`; slow, kept as the reference the fast paths are tested against.
+    Same arguments and result as `grouped_conv`: the reference its other lowerings are tested against, and its
+    `impl="split"`.
     """
     nd = _check_conv_args(x, kernel, groups)
-    xs = jnp.split(x, groups, axis=-1)
-    ks = jnp.split(kernel, groups, axis=-1)
-    outs = [
-        lax.conv_general_dilated(
-            xi, ki,
-            window_strides=_per_dim(strides, nd, "strides"),
-            padding=normalize_padding(padding, nd),
-            rhs_dilation=_per_dim(dilation, nd, "dilation"),
-            dimension_numbers=_dimension_numbers(nd),
-            precision=precision,
-            preferred_element_type=preferred_element_type)
-        for xi, ki in zip(xs, ks)
-    ]
+    kwargs = dict(strides=strides, padding=padding, dilation=dilation, precision=precision,
+                  preferred_element_type=preferred_element_type)
+    outs = [_lax_conv(xi, ki, 1, nd, **kwargs)
+            for xi, ki in zip(jnp.split(x, groups, axis=-1), jnp.split(kernel, groups, axis=-1))]
     return jnp.concatenate(outs, axis=-1)
 
 
