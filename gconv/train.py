@@ -338,8 +338,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             state, metrics = p_train(state, next(batches))
             pending.append((step, metrics))
             done = step + 1
+            stopping = stop.requested  # read once: a SIGTERM landing mid-iteration is handled at the next step
             is_log = done % config.log_every_steps == 0 or done == total_steps
-            is_ckpt = done % config.checkpoint_every_steps == 0 or done == total_steps or stop.requested
+            is_ckpt = done % config.checkpoint_every_steps == 0 or done == total_steps or stopping
             if is_log or is_ckpt:
                 train_metrics = _mean_metrics(pending)  # raises on NaN/Inf before anything is saved
                 now = time.time()
@@ -361,7 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             if is_ckpt:
                 manager.save(done, args=ocp.args.StandardSave(state))
             bar.update(1)
-            if stop.requested:
+            if stopping:
                 manager.wait_until_finished()
                 bar.close()
                 print(f"SIGTERM: saved checkpoint at step {done} in {run_dir}; relaunch to resume.", flush=True)
