@@ -254,6 +254,9 @@ def preflight(config: ml_collections.ConfigDict) -> None:
     parallel.check_batch_divides(config.data.eval_batch_size, mesh)
     model = build_model(config, 10)
     model_size = mesh.shape[parallel.MODEL]
+    if config.parallel not in ("shard_map", "pmap") or (config.parallel == "pmap" and model_size > 1):
+        raise ValueError(f"parallel={config.parallel!r} with mesh.model={model_size}: use 'shard_map' "
+                         f"('pmap' runs data parallel only, mesh.model=1).")
     if model_size > 1:
         parallel.group_parallel_rules(model)
         groups = getattr(model, "cardinality", None) or getattr(model, "groups", 1)
@@ -266,6 +269,7 @@ def preflight(config: ml_collections.ConfigDict) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any] | None:
     """Trains and evaluates one configuration in `workdir`; returns the run summary (also `summary.json`), or None
     when stopped by SIGTERM after saving a checkpoint."""
+    preflight(config)
     run_dir = Path(workdir)
     is_main = jax.process_index() == 0
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -278,12 +282,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     steps_per_epoch = max(1, info.num_train // batch_size)
     total_steps = config.num_steps if config.num_steps > 0 else int(config.num_epochs * steps_per_epoch)
 
-    # Devices: one jit-ed step, or a data-parallel one over the mesh's `data` axis.
+    # Devices: one jit-ed step, or a step over the mesh (batch split over `data`, groups over `model`).
     mesh = parallel.make_mesh(config.mesh)
     distributed, model_size = mesh.size > 1, mesh.shape[parallel.MODEL]
-    if distributed:
-        parallel.check_batch_divides(batch_size, mesh)
-        parallel.check_batch_divides(config.data.eval_batch_size, mesh)
 
     # Model (global for init and counts; per device when groups are split), optimizer, state.
     axis_name = parallel.DATA if distributed else None
@@ -292,15 +293,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         config, info.num_classes, axis_name=axis_name, model_axis=parallel.MODEL, model_size=model_size)
     tx, schedule = create_optimizer(config.optim, steps_per_epoch, total_steps)
     state = create_train_state(model, tx, info.image_shape, config.seed)
-    if config.init_from:
+    manager = ocp.CheckpointManager(
+        (run_dir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+    if config.init_from and manager.latest_step() is None:
         state = _init_from_torch(state, tx, config, info.num_classes)
     specs = P() if model_size == 1 else parallel.partition_specs(state, parallel.group_parallel_rules(model))
     if distributed:
         state = parallel.shard_state(state, mesh, specs)
-    manager = ocp.CheckpointManager(
-        (run_dir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
-    if manager.latest_step() is not None:
+    if manager.latest_step() is not None:  # resume, onto this run's mesh and shardings
         state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
     start_step = int(state.step)
     log = _MetricsLog(run_dir / "metrics.jsonl", start_step, enabled=is_main)
@@ -308,9 +309,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     step_fn = functools.partial(train_step, model=local_model, tx=tx, schedule=schedule,
                                 label_smoothing=config.optim.label_smoothing)
     eval_fn = functools.partial(eval_step, model=local_model)
-    if config.parallel not in ("shard_map", "pmap") or (config.parallel == "pmap" and model_size > 1):
-        raise ValueError(f"parallel={config.parallel!r} with mesh.model={model_size}: use 'shard_map' "
-                         f"('pmap' runs data parallel only, mesh.model=1).")
     if not distributed:
         p_train, p_eval, place = jax.jit(step_fn, donate_argnums=0), jax.jit(eval_fn), lambda b: b
     elif config.parallel == "pmap":
