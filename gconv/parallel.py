@@ -73,7 +73,9 @@ def shard_step(step: Callable, mesh: Mesh, state_specs: Any = P(), *, returns_st
     The batch is split over `data`; the state is replicated (`state_specs=P()`, data parallel) or split over
     `model` as `state_specs` says (group parallel, see `partition_specs`; the step's model must then be built with
     `model_axis="model", model_size=mesh.shape["model"]`). `step` reduces over `axis_name` itself (`pmean` of
-    gradients and metrics, `psum` of evaluation counts), so its other outputs are replicated.
+    gradients and metrics, `psum` of evaluation counts), so its other outputs are replicated. (Under group
+    parallel, `train_step`'s `grad_norm` metric counts only this device's shards of the split parameters; the loss,
+    accuracy and updates are exact.)
     """
     out_specs = (state_specs, P()) if returns_state else P()
     mapped = jax.shard_map(functools.partial(step, axis_name=DATA), mesh=mesh, in_specs=(state_specs, P(DATA)),
