@@ -180,7 +180,7 @@ def train_batches(source: Sequence[dict], info: DatasetInfo, batch_size: int, *,
         raise ValueError(f"batch_size={batch_size} is larger than the {len(source)} training examples.")
     fn = _augmenter(info, train=True, augment=augment)
     ds = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-          .random_map(lambda r, rng: fn(r, rng), seed=seed + 1).batch(batch_size, drop_remainder=True))
+          .random_map(fn, seed=seed + 1).batch(batch_size, drop_remainder=True))
     ds = ds[start_step:]
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     return iter(ds.to_iter_dataset(options))

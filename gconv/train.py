@@ -296,13 +296,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     manager = ocp.CheckpointManager(
         (run_dir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
-    if config.init_from and manager.latest_step() is None:
+    resume_step = manager.latest_step()
+    if config.init_from and resume_step is None:
         state = _init_from_torch(state, tx, config, info.num_classes)
     specs = P() if model_size == 1 else parallel.partition_specs(state, parallel.group_parallel_rules(model))
     if distributed:
         state = parallel.shard_state(state, mesh, specs)
-    if manager.latest_step() is not None:  # resume, onto this run's mesh and shardings
-        state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
+    if resume_step is not None:  # resume, onto this run's mesh and shardings
+        state = manager.restore(resume_step, args=ocp.args.StandardRestore(state))
     start_step = int(state.step)
     log = _MetricsLog(run_dir / "metrics.jsonl", start_step, enabled=is_main)
 
@@ -343,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 train_metrics = _mean_metrics(pending)  # raises on NaN/Inf before anything is saved
                 now = time.time()
                 img_per_sec = len(pending) * batch_size / (now - t_interval)
-                if step + 1 - len(pending) > start_step:  # the first interval includes compilation
+                if done - len(pending) > start_step:  # the first interval includes compilation
                     throughput.append(img_per_sec)
                 pending, t_interval = [], now
                 record = {"step": done, **{f"train_{k}": v for k, v in train_metrics.items()},
