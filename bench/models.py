@@ -1,8 +1,9 @@
 """Whole-model training and inference throughput: gconv (JAX) vs PyTorch eager and torch.compile, same machine.
 
     python bench/models.py                                   # GPU sizes: bs 256/512, 224x224, bf16
-    python bench/models.py --res 64 --batch 8 --steps 3 --dtype float32 --models resnext50_32x4d   # CPU smoke
-Prints one markdown table with img/s, peak memory and gconv/PyTorch ratios. PyTorch (torch, torchvision) is
+    python bench/models.py --res 112 --batch 16 --steps 5 --warmup 2 --dtype float32 --no-compile   # CPU
+Prints one markdown table with img/s (median step time), peak memory and gconv/PyTorch ratios. gconv's warm-up
+steps include compilation and `impl="auto"`'s measurements. PyTorch (torch, torchvision) is
 optional: without it only gconv is measured. ShuffleNet v1's PyTorch reference is built here from the same spec
 (paper Table 1, imgclsmob structure).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import time
 
 import jax
@@ -19,6 +21,18 @@ import optax
 from gconv.models import create_model
 
 BATCH = {"resnext50_32x4d": 256, "shufflenet_v2_x1_0": 512, "shufflenet_g3_w1": 512}
+
+
+def _median_seconds(run, steps: int, warmup: int) -> float:
+    """Median wall time of `run()` over `steps` calls after `warmup` calls (compilation, autotuning)."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def bench_gconv(name: str, batch: int, res: int, dtype: str, steps: int, warmup: int) -> dict[str, float]:
@@ -39,21 +53,15 @@ def bench_gconv(name: str, batch: int, res: int, dtype: str, steps: int, warmup:
         return optax.apply_updates(params, updates), stats, opt_state, loss
 
     infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    params, stats = variables["params"], variables["batch_stats"]
-    for i in range(warmup + steps):
-        if i == warmup:
-            jax.block_until_ready(params)
-            start = time.perf_counter()
-        params, stats, opt_state, loss = train(params, stats, opt_state, x, y)
-    jax.block_until_ready(loss)
-    train_ips = batch * steps / (time.perf_counter() - start)
-    v = {"params": params, "batch_stats": stats}
-    for i in range(warmup + steps):
-        if i == warmup:
-            start = time.perf_counter()
-        out = infer(v, x)
-    jax.block_until_ready(out)
-    infer_ips = batch * steps / (time.perf_counter() - start)
+    state = [variables["params"], variables["batch_stats"], opt_state]
+
+    def train_once():
+        state[0], state[1], state[2], loss = train(*state, x, y)
+        jax.block_until_ready(loss)
+
+    train_ips = batch / _median_seconds(train_once, steps, warmup)
+    v = {"params": state[0], "batch_stats": state[1]}
+    infer_ips = batch / _median_seconds(lambda: jax.block_until_ready(infer(v, x)), steps, warmup)
     mem = jax.devices()[0].memory_stats() or {}
     return {"train": train_ips, "infer": infer_ips, "peak_gb": mem.get("peak_bytes_in_use", float("nan")) / 2**30}
 
@@ -117,10 +125,8 @@ def bench_torch(name: str, batch: int, res: int, dtype: str, steps: int, warmup:
 
     def run(train: bool) -> float:
         model.train(train)
-        for i in range(warmup + steps):
-            if i == warmup:
-                sync()
-                start = time.perf_counter()
+
+        def once():
             with torch.autocast(**amp), torch.set_grad_enabled(train):
                 out = step_model(x)
                 if train:
@@ -128,8 +134,9 @@ def bench_torch(name: str, batch: int, res: int, dtype: str, steps: int, warmup:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-        sync()
-        return batch * steps / (time.perf_counter() - start)
+            sync()
+
+        return batch / _median_seconds(once, steps, warmup)
 
     result = {"train": run(True), "infer": run(False)}
     result["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
@@ -144,6 +151,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true", help="PyTorch eager only (no torch.compile)")
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.res}x{args.res}, {args.dtype}")
     print("| model | batch | framework | train img/s | infer img/s | peak GiB | gconv/this train | gconv/this infer |")
@@ -154,7 +162,9 @@ def main() -> None:
         rows = [("gconv (JAX)", ours)]
         try:
             rows.append(("PyTorch eager", bench_torch(name, batch, args.res, args.dtype, args.steps, args.warmup, False)))
-            rows.append(("torch.compile", bench_torch(name, batch, args.res, args.dtype, args.steps, args.warmup, True)))
+            if not args.no_compile:
+                rows.append(("torch.compile",
+                             bench_torch(name, batch, args.res, args.dtype, args.steps, args.warmup, True)))
         except ImportError:
             pass
         for label, r in rows:

@@ -10,6 +10,7 @@ weights onto (a) and (b), which then compute the same function.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Sequence
 
@@ -17,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gconv import ops
+from gconv import autotune, ops
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -64,8 +65,10 @@ class GroupedConv(nn.Module):
                             self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = ops.grouped_conv(x, kernel, self.groups, strides=self.strides, padding=self.padding,
-                             dilation=self.dilation, precision=self.precision, impl=self.impl)
+        # init only needs shapes and values: lower by the static rule rather than time the lowerings
+        with autotune.static() if self.is_initializing() else contextlib.nullcontext():
+            y = ops.grouped_conv(x, kernel, self.groups, strides=self.strides, padding=self.padding,
+                                 dilation=self.dilation, precision=self.precision, impl=self.impl)
         if bias is not None:
             y = y + bias
         return y

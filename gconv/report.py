@@ -94,6 +94,13 @@ def analyze_run(run_dir: str | Path, num_images: int = 128) -> dict[str, Any]:
     """For one finished run: filter-correlation heatmaps and block-diagonality scores of its grouped layer pairs,
     first-layer and per-group kernel views, and its compute breakdown, as PNGs and `analysis.json` in
     `RUN_DIR/analysis/`. Returns the JSON's content."""
+    from gconv import autotune
+
+    with autotune.static():  # one pass over a few images: timing lowerings would cost more than it saves
+        return _analyze_run(Path(run_dir), num_images)
+
+
+def _analyze_run(run_dir: Path, num_images: int) -> dict[str, Any]:
     import jax
     import ml_collections
     import orbax.checkpoint as ocp
@@ -101,7 +108,6 @@ def analyze_run(run_dir: str | Path, num_images: int = 128) -> dict[str, Any]:
     from gconv import analysis, data
     from gconv.train import build_model
 
-    run_dir = Path(run_dir)
     config_path, ckpt_dir = run_dir / "config.json", run_dir / "checkpoints"
     steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.exists() else []
     if not config_path.exists() or not steps:

@@ -22,7 +22,7 @@ def conv_cases(draw):
     groups = draw(st.integers(1, 4))
     c_in = groups * draw(st.integers(1, 3))
     c_out = groups * draw(st.integers(1, 3))
-    window = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    window = draw(st.one_of(st.just((1,) * nd), st.tuples(*[st.integers(1, 3)] * nd)))
     spatial = tuple(draw(st.integers(5, 8)) for _ in range(nd))
     strides = draw(st.one_of(st.integers(1, 2), st.tuples(*[st.integers(1, 2)] * nd)))
     dilation = draw(st.one_of(st.integers(1, 2), st.tuples(*[st.integers(1, 2)] * nd)))
@@ -40,6 +40,10 @@ def test_grouped_conv_matches_reference(case):
     k = _rand(case["seed"] + 1, case["window"] + (case["c_in"] // case["groups"], case["c_out"]))
     kw = dict(strides=case["strides"], padding=case["padding"], dilation=case["dilation"],
               precision=lax.Precision.HIGHEST)
+    if case["impl"] == "dot" and case["window"] != (1,) * case["nd"]:
+        with pytest.raises(ValueError, match="impl='dot' computes 1x1 convolutions"):
+            ops.grouped_conv(x, k, case["groups"], impl="dot", **kw)
+        return
     got = ops.grouped_conv(x, k, case["groups"], impl=case["impl"], **kw)
     want = ops.grouped_conv_reference(x, k, case["groups"], **kw)
     assert got.shape == want.shape
@@ -85,9 +89,13 @@ def test_gradients(nd):
 
 
 @pytest.mark.parametrize("impl", ops.IMPLS)
-def test_gradients_match_reference(impl):
-    x, k = _rand(0, (2, 8, 8, 8)), _rand(1, (3, 3, 2, 12))
-    loss = lambda conv, **kw: lambda x, k: jnp.sum(jnp.sin(conv(x, k, 4, strides=2, dilation=2, **kw)))  # noqa
+@pytest.mark.parametrize("k_shape,groups", [((3, 3, 2, 12), 4), ((1, 1, 2, 12), 4), ((3, 3, 1, 16), 8),
+                                            ((1, 1, 8, 12), 1)])
+def test_gradients_match_reference(impl, k_shape, groups):
+    if impl == "dot" and k_shape[0] != 1:
+        pytest.skip("dot lowers 1x1 convs only")
+    x, k = _rand(0, (2, 8, 8, 8)), _rand(1, k_shape)
+    loss = lambda conv, **kw: lambda x, k: jnp.sum(jnp.sin(conv(x, k, groups, strides=2, dilation=2, **kw)))  # noqa
     g = jax.grad(loss(ops.grouped_conv, impl=impl), argnums=(0, 1))(x, k)
     g_ref = jax.grad(loss(ops.grouped_conv_reference), argnums=(0, 1))(x, k)
     for a, b in zip(g, g_ref):

@@ -1,0 +1,122 @@
+"""Measured lowering choice: equal results, one measurement per shape, disk cache, static rule, no re-tracing."""
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from gconv import autotune, ops
+
+
+@pytest.fixture
+def measuring(monkeypatch, tmp_path):
+    """Autotuning on (for the tests' tiny convs too), with a fresh memory and a disk cache in tmp_path."""
+    monkeypatch.setenv(autotune.ENV_ENABLE, "1")
+    monkeypatch.setattr(ops, "AUTOTUNE_MIN_MACS", 0)
+    cache = tmp_path / "autotune.json"
+    monkeypatch.setenv(autotune.ENV_CACHE, str(cache))
+    autotune.clear()
+    yield cache
+    autotune.clear()
+
+
+def _case(seed):
+    rng = np.random.default_rng(seed)  # fresh inputs each run
+    x = jnp.asarray(rng.standard_normal((2, 9, 9, 12)), jnp.float32)
+    return x, {"depthwise": (jnp.asarray(rng.standard_normal((3, 3, 1, 12)), jnp.float32), 12),
+               "grouped_1x1": (jnp.asarray(rng.standard_normal((1, 1, 4, 6)), jnp.float32), 3),
+               "grouped_3x3": (jnp.asarray(rng.standard_normal((3, 3, 4, 12)), jnp.float32), 3)}
+
+
+@pytest.mark.parametrize("name", ["depthwise", "grouped_1x1", "grouped_3x3"])
+def test_measured_choice_equals_reference_values_and_gradients(measuring, name):
+    x, cases = _case(np.random.SeedSequence().entropy % 2**32)
+    k, groups = cases[name]
+    kw = dict(strides=2, precision=lax.Precision.HIGHEST)
+    loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k, groups, **kw)))  # noqa: E731
+    np.testing.assert_allclose(jax.jit(lambda x, k: ops.grouped_conv(x, k, groups, **kw))(x, k),
+                               ops.grouped_conv_reference(x, k, groups, **kw), rtol=1e-5, atol=1e-5)
+    got = jax.jit(jax.grad(loss(ops.grouped_conv), argnums=(0, 1)))(x, k)
+    want = jax.grad(loss(ops.grouped_conv_reference), argnums=(0, 1))(x, k)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert len(autotune.measurements()) == 2  # forward and backward, once each for this shape
+
+
+def test_one_measurement_per_shape_no_retrace_and_disk_cache(measuring):
+    x, cases = _case(1)
+    k, groups = cases["depthwise"]
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(x, k):
+        return ops.grouped_conv(x, k, groups)
+
+    f(x, k)
+    f(x * 2.0, k + 1.0)  # a second trace would raise
+    jax.jit(lambda x, k: ops.grouped_conv(x, k, groups) * 2.0)(x, k)  # another function, same conv: cached
+    assert len(autotune.measurements()) == 2
+    stored = json.loads(measuring.read_text())
+    assert len(stored) == 2 and set(stored.values()) <= set(ops.IMPLS)
+    autotune.clear()  # a new process: memory empty, disk cache present
+    jax.jit(lambda x, k: ops.grouped_conv(x, k, groups))(x, k)
+    assert autotune.measurements() == []
+
+
+def test_torn_disk_cache_is_measured_again_and_rewritten(measuring):
+    measuring.write_text('{"forward [')
+    x, cases = _case(2)
+    k, groups = cases["grouped_1x1"]
+    ops.grouped_conv(x, k, groups)
+    assert len(autotune.measurements()) == 2 and len(json.loads(measuring.read_text())) == 2
+
+
+def test_static_rule_when_off_and_inside_static_blocks(measuring, monkeypatch):
+    x, cases = _case(3)
+    k, groups = cases["grouped_3x3"]
+    with autotune.static():
+        jax.eval_shape(lambda x, k: ops.grouped_conv(x, k, groups), x, k)
+    monkeypatch.setenv(autotune.ENV_ENABLE, "0")
+    ops.grouped_conv(x, k, groups)
+    assert autotune.measurements() == [] and not measuring.exists()
+
+
+def test_candidates_and_static_rule():
+    assert ops.candidate_impls((3, 3, 1, 240), 240, 240, "cpu") == ("blockdiag", "shift")
+    assert "xla" in ops.candidate_impls((3, 3, 1, 240), 240, 240, "gpu")
+    assert ops.candidate_impls((1, 1, 80, 240), 240, 3, "cpu") == ("blockdiag", "split", "dot")
+    assert ops.candidate_impls((3, 3, 64, 64), 64, 1, "cpu") == ("xla",)
+    assert ops.static_impl((3, 3, 1, 240), 240, 240, "cpu") == "shift"
+    assert ops.static_impl((1, 1, 256, 64), 256, 1, "cpu") == "dot"
+    assert ops.static_impl((3, 3, 4, 128), 128, 32, "gpu") == "xla"
+    assert ops.static_impl((1, 1, 80, 240), 240, 3, "gpu") == "blockdiag"
+    for shape, c_in, groups in [((3, 3, 1, 240), 240, 240), ((1, 1, 80, 240), 240, 3), ((3, 3, 4, 128), 128, 32),
+                                ((1, 1, 256, 64), 256, 1), ((3, 3, 64, 64), 64, 1)]:
+        for backend in ("cpu", "gpu"):
+            assert ops.static_impl(shape, c_in, groups, backend) in ops.candidate_impls(shape, c_in, groups, backend)
+
+
+def test_forward_and_backward_lowerings_can_differ(measuring):
+    """The forward of one lowering and the backward of another compose to the reference's gradients."""
+    x, cases = _case(4)
+    k, groups = cases["grouped_3x3"]
+    kw = dict(strides=(1, 1), padding="SAME", dilation=(1, 1), precision=lax.Precision.HIGHEST,
+              preferred_element_type=None)
+    conv = ops._forward_backward("shift", "split", groups, 2, kw)
+    y, vjp = jax.vjp(conv, x, k)
+    y_ref, vjp_ref = jax.vjp(lambda a, b: ops.grouped_conv_reference(a, b, groups, **kw), x, k)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(vjp(jnp.cos(y)), vjp_ref(jnp.cos(y))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_tiny_convs_take_the_static_rule(monkeypatch):
+    monkeypatch.setenv(autotune.ENV_ENABLE, "1")
+    autotune.clear()
+    x, cases = _case(5)
+    k, groups = cases["depthwise"]
+    ops.grouped_conv(x, k, groups)  # 2 x 5 x 5 x 12 outputs x 9 taps: far below AUTOTUNE_MIN_MACS
+    assert autotune.measurements() == []
