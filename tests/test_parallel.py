@@ -54,8 +54,9 @@ def test_data_parallel_step_equals_single_device_step_on_the_global_batch(setup)
     mesh = parallel.make_mesh({"data": 8, "model": 1})
     s8, m8 = parallel.shard_step(step8, mesh, donate=False)(jax.device_put(state, parallel.replicated(mesh)),
                                                                parallel.shard_batch(batch, mesh))
-    for k in ("loss", "accuracy", "grad_norm"):
+    for k in ("loss", "accuracy"):
         np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5)
+    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)  # per-device partial sums: fp32 order
     assert _max_diff(s1.params, s8.params) < 1e-5  # so the gradients agree
     assert _max_diff(s1.batch_stats, s8.batch_stats) < 1e-5  # BN statistics of the global batch
     # Without cross-device BN the statistics would be per-device: the test can tell.
