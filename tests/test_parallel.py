@@ -28,7 +28,9 @@ def setup():
     synced = create_model("resnext11_4x4d", axis_name=parallel.DATA, **kw)
     tx, schedule = train.create_optimizer(config.optim, 10, 100)
     state = train.create_train_state(single, tx, (16, 16, 3), 0)
-    batch = {"image": 2.0 + jax.random.normal(jax.random.PRNGKey(1), (32, 16, 16, 3)),
+    # Zero-mean images: BN's variance E[x^2] - E[x]^2 cancels badly in fp32 on shifted inputs, which would
+    # swamp the per-device summation order this module compares.
+    batch = {"image": jax.random.normal(jax.random.PRNGKey(1), (32, 16, 16, 3)),
              "label": jnp.arange(32) % 10}
     make_step = lambda model: functools.partial(train.train_step, model=model, tx=tx, schedule=schedule)  # noqa
     return state, batch, make_step(single), make_step(synced)
@@ -56,7 +58,7 @@ def test_data_parallel_step_equals_single_device_step_on_the_global_batch(setup)
                                                                parallel.shard_batch(batch, mesh))
     for k in ("loss", "accuracy"):
         np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5)
-    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)  # per-device partial sums: fp32 order
+    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
     assert _max_diff(s1.params, s8.params) < 1e-5  # so the gradients agree
     assert _max_diff(s1.batch_stats, s8.batch_stats) < 1e-5  # BN statistics of the global batch
     # Without cross-device BN the statistics would be per-device: the test can tell.
