@@ -54,8 +54,9 @@ def main(argv: list[str]) -> int:
 
     import jax
 
+    from gconv import rundir
     from gconv.config import expand_sweep, load_experiment
-    from gconv.train import preflight, train_and_evaluate
+    from gconv.train import Stopped, preflight, train_and_evaluate
 
     if args.multiprocess:
         jax.distributed.initialize()
@@ -68,11 +69,14 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"sweep point {point!r}: {e}") from e
     name = os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0]
     suffix = args.config.partition(":")[2]
-    workdir = args.workdir or os.path.join("runs", name + (f"_{suffix}" if suffix else ""))
+    workdir = rundir.as_path(args.workdir or os.path.join("runs", name + (f"_{suffix}" if suffix else "")))
     for point, point_config in runs:
-        print(f"== {point} -> {os.path.join(workdir, point)}", flush=True)
-        if train_and_evaluate(point_config, os.path.join(workdir, point)) is None:
-            return 143  # preempted after saving; relaunch to resume
+        print(f"== {point} -> {workdir / point}", flush=True)
+        try:
+            train_and_evaluate(point_config, workdir / point)
+        except Stopped as e:  # preempted (SIGTERM: 143) or interrupted (SIGINT: 130) after saving
+            print(e, flush=True)
+            return 128 + e.signum
     if jax.process_index() == 0:
         path = report.write_report(workdir)
         print(report.report_table(report.load_summaries(workdir)))
@@ -80,9 +84,18 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run(argv: list[str]) -> int:
+    """`main`, with every anticipated failure (bad config or value, missing data, a busy or damaged run directory,
+    a NaN loss) as one `error: ...` line on stderr and exit code 2 instead of a traceback."""
+    from gconv.rundir import RunDirError
+
     try:
-        sys.exit(main(sys.argv[1:]))
-    except (KeyError, ValueError, FileNotFoundError, FloatingPointError) as e:
+        return main(argv)
+    except (KeyError, ValueError, FileNotFoundError, FloatingPointError, ImportError, RunDirError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        sys.exit(f"error: {message}")
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))

@@ -13,6 +13,9 @@ CARDINALITIES = (1, 2, 4, 8, 16)
 PAPER_ERRORS = {"cifar10": {"8x64d": 3.65, "16x64d": 3.58}, "cifar100": {"8x64d": 17.77, "16x64d": 17.31}}
 
 
+VARIANTS = ("local", "cifar100")  # the :arg names this file takes
+
+
 def get_config(arg=None):
     config = base_config()
     config.model.name = "resnext29_8x64d"

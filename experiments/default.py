@@ -14,6 +14,9 @@ BLOCK_CHANNELS = 64  # the first stage's block: 64 -> C*d -> 64, the analogue of
 BASE_WIDTH = 16  # d at C = 1 (planes of the first stage)
 
 
+VARIANTS = ("local",)  # the :arg names this file takes
+
+
 def get_config(arg=None):
     config = base_config()
     config.model.name = "resnext11_1x16d"

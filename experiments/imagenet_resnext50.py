@@ -12,6 +12,9 @@ from gconv.config import base_config, make_local
 PAPER_ERRORS = {1: 23.9, 2: 23.0, 4: 22.6, 8: 22.3, 32: 22.2}  # Table 3, top-1 error (%), 224 single crop
 
 
+VARIANTS = ("local", "imagenette")  # the :arg names this file takes
+
+
 def get_config(arg=None):
     config = base_config()
     config.model.name = "resnext50_32x4d"

@@ -15,6 +15,9 @@ PAPER = {"w1": {1: 33.6, 2: 32.7, 3: 32.6, 4: 32.8, 8: 32.4}, "wd2": {1: 45.1, 2
 PAPER_NO_SHUFFLE = {"w1": {3: 34.5, 8: 37.6}, "wd2": {3: 45.7, 8: 48.1}, "wd4": {3: 56.3, 8: 56.5}}
 
 
+VARIANTS = ("local", "imagenette")  # the :arg names this file takes
+
+
 def get_config(arg=None):
     config = base_config()
     config.model.name = "shufflenet_g3_w1"

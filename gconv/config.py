@@ -1,7 +1,7 @@
 """Experiment configs: load `experiments/*.py`, apply `key=value` overrides, expand sweeps.
 
-An experiment file defines `get_config(arg=None) -> ml_collections.ConfigDict` and optionally
-`get_sweep(arg=None) -> list[dict]`, each point a dict with a `name` and dotted-key overrides
+An experiment file defines `get_config(arg=None) -> ml_collections.ConfigDict`, `VARIANTS` (the `:arg` names it
+takes) and optionally `get_sweep(arg=None) -> list[dict]`, each point a dict with a `name` and dotted-key overrides
 (`{"name": "c4", "model.cardinality": 4, "model.base_width": 24}`).
 """
 from __future__ import annotations
@@ -27,6 +27,10 @@ def load_experiment(spec: str) -> tuple[ml_collections.ConfigDict, list[dict[str
     module_spec = importlib.util.spec_from_file_location(f"gconv_experiment_{os.path.basename(path)[:-3]}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    variants = getattr(module, "VARIANTS", ())
+    if arg and arg not in variants:
+        raise ValueError(f"{path} has no variant {arg!r}: use one of {list(variants)} after the ':' "
+                         f"(or none for the full experiment).")
     config = module.get_config(arg or None)
     sweep = module.get_sweep(arg or None) if hasattr(module, "get_sweep") else [{"name": "run"}]
     config.lock()
@@ -56,6 +60,11 @@ def parse_value(text: str, current: Any) -> Any:
         raise ValueError(f"{text!r} is not a boolean: use true or false.")
     if isinstance(current, str):
         return text
+    if isinstance(current, float):
+        try:
+            return float(text)  # also "nan" and "inf", which the run's checks then refuse by name
+        except ValueError:
+            pass
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -91,7 +100,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
             node = node[parent]
         current = node[leaf]
         if isinstance(value, str) and not isinstance(current, str):
-            value = parse_value(value, current)
+            try:
+                value = parse_value(value, current)
+            except ValueError as e:
+                raise ValueError(f"config key {key!r}: {e}") from None
         try:
             with node.ignore_type() if current is None else contextlib.nullcontext():
                 node[leaf] = value

@@ -76,13 +76,14 @@ def _tfds_source(tfds_name: str, split: str, data_dir: str | None):
     try:
         return tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises several types for "not prepared"; all end here with the same advice
+        said = (str(e).strip().splitlines() or [""])[0][:300]
         raise FileNotFoundError(
             f"TFDS dataset {tfds_name!r} (split {split!r}) is not prepared in array_record format in "
-            f"data_dir={data_dir or '~/tensorflow_datasets'}. Prepare it once, on a machine with internet access:\n"
-            f"  python -c \"import tensorflow_datasets as tfds; tfds.builder('{tfds_name}', data_dir=DIR)"
-            f".download_and_prepare(file_format='array_record')\"\n"
-            f"(imagenet2012 needs the ILSVRC2012 tar files in DIR/downloads/manual first), then pass "
-            f"--config.data.data_dir=DIR.\n(TFDS said: {type(e).__name__}: {e})") from e
+            f"data.data_dir={data_dir or '~/tensorflow_datasets'}: prepare it once, on a machine with internet "
+            f"access, with python -c \"import tensorflow_datasets as tfds; tfds.builder('{tfds_name}', data_dir=DIR)"
+            f".download_and_prepare(file_format='array_record')\" (imagenet2012 needs the ILSVRC2012 tar files in "
+            f"DIR/downloads/manual first), then pass --config.data.data_dir=DIR (TFDS said: {type(e).__name__}: "
+            f"{said})") from e
 
 
 def get_source(data: Any, split: str) -> tuple[Sequence[dict], DatasetInfo]:

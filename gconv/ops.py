@@ -10,6 +10,7 @@ import functools
 import itertools
 import json
 import math
+import operator
 from typing import Sequence, Union
 
 import jax
@@ -70,10 +71,20 @@ def normalize_padding(padding: Padding, nd: int) -> str | tuple[tuple[int, int],
         f"{nd} ints or {nd} (low, high) pairs.")
 
 
-def _check_conv_args(x: jax.Array, kernel: jax.Array, groups: int) -> int:
-    """Validates shapes for a grouped conv; returns the number of spatial dims."""
-    if not isinstance(groups, int) or groups < 1:
+def _as_groups(groups) -> int:
+    """`groups` as a Python int: ints, numpy and concrete JAX integer scalars are accepted."""
+    try:
+        value = operator.index(groups)
+    except TypeError:
+        value = None
+    if value is None or isinstance(groups, bool) or value < 1:
         raise ValueError(f"groups={groups!r} must be a positive int (1 = dense, C_in = depthwise).")
+    return value
+
+
+def _check_conv_args(x: jax.Array, kernel: jax.Array, groups: int) -> tuple[int, int]:
+    """Validates shapes and dtypes for a grouped conv; returns (number of spatial dims, groups as an int)."""
+    groups = _as_groups(groups)
     nd = kernel.ndim - 2
     if nd not in (1, 2, 3):
         raise ValueError(
@@ -95,7 +106,10 @@ def _check_conv_args(x: jax.Array, kernel: jax.Array, groups: int) -> int:
         raise ValueError(
             f"kernel in-channel axis is {k_in} but C_in // groups = {c_in} // {groups} = {c_in // groups}: "
             f"the kernel must have shape (*window, {c_in // groups}, C_out).")
-    return nd
+    if x.dtype != kernel.dtype:
+        raise ValueError(f"x is {x.dtype} but kernel is {kernel.dtype}: cast both to one dtype "
+                         f"(e.g. kernel.astype(x.dtype)); pass preferred_element_type for a wider output.")
+    return nd, groups
 
 
 def _dimension_numbers(nd: int) -> lax.ConvDimensionNumbers:
@@ -136,7 +150,7 @@ def grouped_conv(
     Returns:
       `(N, *spatial_out, C_out)`.
     """
-    nd = _check_conv_args(x, kernel, groups)
+    nd, groups = _check_conv_args(x, kernel, groups)
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}.")
     kwargs = dict(strides=_per_dim(strides, nd, "strides"), padding=normalize_padding(padding, nd),
@@ -416,7 +430,7 @@ def grouped_conv_reference(
     Same arguments and result as `grouped_conv`: the reference its other lowerings are tested against, and its
     `impl="split"`.
     """
-    nd = _check_conv_args(x, kernel, groups)
+    nd, groups = _check_conv_args(x, kernel, groups)
     kwargs = dict(strides=strides, padding=padding, dilation=dilation, precision=precision,
                   preferred_element_type=preferred_element_type)
     outs = [_lax_conv(xi, ki, 1, nd, **kwargs)
@@ -424,18 +438,25 @@ def grouped_conv_reference(
     return jnp.concatenate(outs, axis=-1)
 
 
-def _check_shuffle(channels: int, groups: int) -> None:
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups={groups!r} must be a positive int.")
+def _check_shuffle(channels: int, groups: int) -> int:
+    groups = _as_groups(groups)
     if channels % groups:
         raise ValueError(
             f"channel_shuffle: {channels} channels are not divisible by groups={groups}: "
             f"use a groups that divides {channels}.")
+    return groups
+
+
+def _channel_axis(x: jax.Array, axis: int) -> int:
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis={axis} is out of range for an array of rank {x.ndim} (shape {x.shape}): use "
+                         f"{-x.ndim}..{x.ndim - 1}.")
+    return axis % x.ndim
 
 
 def shuffle_permutation(channels: int, groups: int) -> list[int]:
     """Input channel feeding each output channel of `channel_shuffle` (C=6, g=2 -> [0, 3, 1, 4, 2, 5])."""
-    _check_shuffle(channels, groups)
+    groups = _check_shuffle(channels, groups)
     per = channels // groups
     return [g * per + i for i in range(per) for g in range(groups)]
 
@@ -446,9 +467,9 @@ def channel_shuffle(x: jax.Array, groups: int, axis: int = -1) -> jax.Array:
     Same permutation as `torch.nn.ChannelShuffle(groups)` (there on axis 1): output channel `i * groups + g` is
     input channel `g * C // groups + i`. `x: (..., C, ...)` with C on `axis`; shape is unchanged.
     """
-    axis = axis % x.ndim
+    axis = _channel_axis(x, axis)
     channels = x.shape[axis]
-    _check_shuffle(channels, groups)
+    groups = _check_shuffle(channels, groups)
     shape = x.shape
     x = x.reshape(shape[:axis] + (groups, channels // groups) + shape[axis + 1:])
     x = jnp.swapaxes(x, axis, axis + 1)
@@ -457,8 +478,8 @@ def channel_shuffle(x: jax.Array, groups: int, axis: int = -1) -> jax.Array:
 
 def channel_unshuffle(x: jax.Array, groups: int, axis: int = -1) -> jax.Array:
     """Inverse of `channel_shuffle(x, groups, axis)`."""
-    channels = x.shape[axis % x.ndim]
-    _check_shuffle(channels, groups)
+    channels = x.shape[_channel_axis(x, axis)]
+    groups = _check_shuffle(channels, groups)
     return channel_shuffle(x, channels // groups, axis)
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
+import io
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from gconv import rundir
 
 __all__ = ["load_summaries", "report_table", "analyze_run", "write_report"]
 
@@ -24,19 +27,19 @@ COLUMNS = [  # (header, summary key, format)
 ]
 
 
-def load_summaries(workdir: str | Path) -> list[dict[str, Any]]:
+def load_summaries(workdir: Any) -> list[dict[str, Any]]:
     """The `summary.json` of each run directory directly under `workdir`, in directory order."""
-    workdir = Path(workdir)
+    workdir = rundir.as_path(workdir)
     if not workdir.is_dir():
         raise FileNotFoundError(f"workdir {str(workdir)!r} does not exist: pass the --workdir of a finished sweep.")
     summaries = []
     natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.parent.name)]  # noqa: E731
     for path in sorted(workdir.glob("*/summary.json"), key=natural):
-        s = json.loads(path.read_text())
+        s = rundir.read_json(path)
         s["width"] = s.get("base_width") if s.get("base_width") is not None else s.get("width_multiplier")
         analysis_path = path.parent / "analysis" / "analysis.json"
         if analysis_path.exists():
-            s.update(json.loads(analysis_path.read_text())["summary"])
+            s.update(rundir.read_json(analysis_path)["summary"])
         summaries.append(s)
     return summaries
 
@@ -56,13 +59,21 @@ def report_table(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _plot(summaries: list[dict], x_key: str, x_label: str, path: Path, log_x: bool) -> None:
+def _save(fig, path: epath.Path) -> None:
+    """A figure as a PNG at `path` (any storage), then closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    _pyplot().close(fig)
+    path.write_bytes(buffer.getvalue())
+
+
+def _plot(summaries: list[dict], x_key: str, x_label: str, path: epath.Path, log_x: bool) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
     series: dict[str, list] = {}
     for s in summaries:  # one line per model family / shuffle setting
         label = f"{s['model'].split('_')[0]}" + ("" if s.get("shuffle") in (None, True) else " (no shuffle)")
-        if s.get(x_key) is not None and not math.isnan(s.get("final_top1_error", math.nan)):
+        if s.get(x_key) is not None and s.get("final_top1_error") is not None:
             series.setdefault(label, []).append((s[x_key], s["final_top1_error"], s["name"]))
     for label, points in series.items():
         points.sort()
@@ -77,8 +88,7 @@ def _plot(summaries: list[dict], x_key: str, x_label: str, path: Path, log_x: bo
     if len(series) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _pyplot():
@@ -90,17 +100,17 @@ def _pyplot():
     return plt
 
 
-def analyze_run(run_dir: str | Path, num_images: int = 128) -> dict[str, Any]:
+def analyze_run(run_dir: Any, num_images: int = 128) -> dict[str, Any]:
     """For one finished run: filter-correlation heatmaps and block-diagonality scores of its grouped layer pairs,
     first-layer and per-group kernel views, and its compute breakdown, as PNGs and `analysis.json` in
     `RUN_DIR/analysis/`. Returns the JSON's content."""
     from gconv import autotune
 
     with autotune.static():  # one pass over a few images: timing lowerings would cost more than it saves
-        return _analyze_run(Path(run_dir), num_images)
+        return _analyze_run(rundir.as_path(run_dir), num_images)
 
 
-def _analyze_run(run_dir: Path, num_images: int) -> dict[str, Any]:
+def _analyze_run(run_dir: epath.Path, num_images: int) -> dict[str, Any]:
     import jax
     import ml_collections
     import orbax.checkpoint as ocp
@@ -109,18 +119,20 @@ def _analyze_run(run_dir: Path, num_images: int) -> dict[str, Any]:
     from gconv.train import build_model
 
     config_path, ckpt_dir = run_dir / "config.json", run_dir / "checkpoints"
-    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.exists() else []
+    steps = rundir.readable_checkpoint_steps(ckpt_dir)
     if not config_path.exists() or not steps:
         raise FileNotFoundError(f"{run_dir} has no config.json and checkpoint: pass the directory of a run "
                                 f"(WORKDIR/POINT) that has trained.")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    config = ml_collections.ConfigDict(rundir.read_json(config_path))
     source, info = data.get_source(config.data, "eval")
     batch = next(data.eval_batches(source, info, min(num_images, len(source))))["image"]
     model = build_model(config, info.num_classes)
-    restored = ocp.StandardCheckpointer().restore((ckpt_dir / str(steps[-1]) / "default").absolute())
+    checkpointer = ocp.StandardCheckpointer()
+    _, restored = rundir.restore_newest_readable(
+        ckpt_dir, lambda step: checkpointer.restore(ckpt_dir / str(step) / "default"), steps)
     variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
     out_dir = run_dir / "analysis"
-    out_dir.mkdir(exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     plt = _pyplot()
 
     pairs = []
@@ -133,8 +145,7 @@ def _analyze_run(run_dir: Path, num_images: int) -> dict[str, Any]:
         ax.set_xlabel(layer_b.split("/")[-1], fontsize=8)
         ax.set_ylabel(layer_a.split("/")[-1], fontsize=8)
         fig.tight_layout()
-        fig.savefig(out_dir / name)
-        plt.close(fig)
+        _save(fig, out_dir / name)
         pairs.append({"layer_a": layer_a, "layer_b": layer_b, "groups": groups, "score": score, "png": name})
 
     params = jax.tree.map(np.asarray, variables["params"])
@@ -142,8 +153,7 @@ def _analyze_run(run_dir: Path, num_images: int) -> dict[str, Any]:
     ax.imshow(analysis.first_layer_view(params["stem_conv"]["kernel"]), cmap="gray", interpolation="nearest")
     ax.set_title("first-layer filters", fontsize=8)
     ax.axis("off")
-    fig.savefig(out_dir / "first_layer.png")
-    plt.close(fig)
+    _save(fig, out_dir / "first_layer.png")
     if pairs:
         *parents, leaf = pairs[0]["layer_b"].split("/")
         kernel = params
@@ -156,19 +166,18 @@ def _analyze_run(run_dir: Path, num_images: int) -> dict[str, Any]:
             ax.set_title(f"group {g}", fontsize=7)
             ax.axis("off")
         fig.suptitle(f"{pairs[0]['layer_b']} kernels by group", fontsize=8)
-        fig.savefig(out_dir / "kernels_by_group.png")
-        plt.close(fig)
+        _save(fig, out_dir / "kernels_by_group.png")
 
     stages = analysis.compute_breakdown(model, info.image_shape)
     scores = [p["score"] for p in pairs]
     result = {"pairs": pairs, "breakdown": stages, "summary": {
         "block_diagonality": float(np.mean(scores)) if scores else None,
         "chance": float(np.mean([1 / p["groups"] for p in pairs])) if pairs else None}}
-    (out_dir / "analysis.json").write_text(json.dumps(result, indent=2))
+    rundir.write_json(out_dir / "analysis.json", result)
     return result
 
 
-def _plot_breakdown(workdir: Path, names: list[str]) -> None:
+def _plot_breakdown(workdir: epath.Path, names: list[str]) -> None:
     """Stacked bars of MACs per layer kind, one bar per sweep point."""
     plt = _pyplot()
     per_point = {}
@@ -176,7 +185,7 @@ def _plot_breakdown(workdir: Path, names: list[str]) -> None:
         path = workdir / name / "analysis" / "analysis.json"
         if path.exists():
             kinds: dict[str, float] = {}
-            for stage in json.loads(path.read_text())["breakdown"].values():
+            for stage in rundir.read_json(path)["breakdown"].values():
                 for kind, cost in stage.items():
                     kinds[kind] = kinds.get(kind, 0.0) + cost["macs"] / 1e6
             per_point[name] = kinds
@@ -193,14 +202,13 @@ def _plot_breakdown(workdir: Path, names: list[str]) -> None:
     ax.set_title("compute by layer kind", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(workdir / "compute_breakdown.png")
-    plt.close(fig)
+    _save(fig, workdir / "compute_breakdown.png")
 
 
-def write_report(workdir: str | Path, analyze: bool = True) -> Path:
+def write_report(workdir: Any, analyze: bool = True) -> epath.Path:
     """Writes `report.md`, `error_vs_cardinality.png` (or `error_vs_groups.png`) and `error_vs_mflops.png`; with
     `analyze`, first runs `analyze_run` on each run and adds its scores, pictures and `compute_breakdown.png`."""
-    workdir = Path(workdir)
+    workdir = rundir.as_path(workdir)
     if analyze:
         for summary in load_summaries(workdir):
             analyze_run(workdir / summary["name"])
@@ -222,5 +230,5 @@ def write_report(workdir: str | Path, analyze: bool = True) -> Path:
             pngs = sorted((workdir / s["name"] / "analysis").glob("*.png"))
             text += ["", f"### {s['name']}"] + [f"![{p.name}]({s['name']}/analysis/{p.name})" for p in pngs]
     path = workdir / "report.md"
-    path.write_text("\n".join(text) + "\n")
+    rundir.write_text(path, "\n".join(text) + "\n")
     return path

@@ -1,19 +1,19 @@
 """Training and evaluation: small pure functions, and the loop that ties them to data, checkpoints and logs.
 
-`train_and_evaluate(config, workdir)` trains one configuration. Relaunched on the same workdir it resumes from the
-last checkpoint (step, params, batch stats, optimizer state, RNG; the data position is the step) and ends with
-exactly the metrics of an uninterrupted run.
+`train_and_evaluate(config, workdir)` trains one configuration in a run directory (local or `gs://`, see
+`gconv.rundir`). Relaunched on the same workdir it resumes from the newest readable checkpoint (step, params, batch
+stats, optimizer state, RNG; the data position is the step; the metrics of the unlogged steps since the last log
+line in `pending.json`) and ends with exactly the metrics of an uninterrupted run, after SIGKILL, SIGTERM or SIGINT.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-import math
 import re
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import flax
@@ -28,12 +28,12 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from gconv import data as data_lib
-from gconv import parallel
+from gconv import parallel, rundir
 from gconv.complexity import count_flops, count_params
 from gconv.models import create_model
 
 __all__ = ["TrainState", "build_model", "create_optimizer", "create_train_state", "train_step", "eval_step",
-           "evaluate", "train_and_evaluate", "read_metrics"]
+           "evaluate", "train_and_evaluate", "read_metrics", "run_name", "Stopped"]
 
 
 @flax.struct.dataclass
@@ -145,67 +145,64 @@ def evaluate(step_fn: Callable, state: TrainState, batches) -> dict[str, float]:
 
 # --- the loop ---------------------------------------------------------------------------------------------------
 
-class _MetricsLog:
-    """`metrics.jsonl` in the run directory; on resume, lines past the restored step are dropped."""
+class Stopped(Exception):
+    """Raised after a checkpoint was saved because of SIGTERM (preemption) or SIGINT; relaunch to resume."""
 
-    def __init__(self, path: Path, resume_step: int, enabled: bool):
-        self.path, self.enabled = path, enabled
-        kept = [r for r in read_metrics(path) if r["step"] <= resume_step] if path.exists() else []
-        self.wall_offset = max((r.get("wall_time", 0.0) for r in kept), default=0.0)
-        if enabled:
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+    def __init__(self, signum: int, step: int, run_dir: Any):
+        self.signum, self.step = signum, step
+        super().__init__(f"{signal.Signals(signum).name}: saved checkpoint at step {step} in {run_dir}; "
+                         f"relaunch to resume.")
 
 
-def read_metrics(path: Path | str) -> list[dict]:
-    """The JSON lines of a `metrics.jsonl`."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_metrics(path: Any) -> list[dict]:
+    """The records of a `metrics.jsonl` (a torn last line is dropped with a warning)."""
+    return rundir.read_jsonl(rundir.as_path(path))
 
 
-def _check_config(run_dir: Path, config: ml_collections.ConfigDict, write: bool) -> None:
-    """Writes `config.json`, or refuses to resume a run directory that holds a different configuration."""
-    path = run_dir / "config.json"
+def _check_config(run_dir: Any, config: ml_collections.ConfigDict) -> dict:
+    """The config as JSON; refuses a run directory whose training was done with a different configuration. A
+    `config.json` left by a start that trained nothing (no checkpoint, no metrics) does not block."""
     new = json.loads(config.to_json_best_effort())
+    path = run_dir / "config.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        old = rundir.read_json(path)
         placement = ("mesh", "parallel")  # where the run executes, not what it computes: free to change on resume
-        if {k: v for k, v in old.items() if k not in placement} != {k: v for k, v in new.items() if k not in placement}:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ValueError(f"{run_dir} holds a run with a different config (top-level keys differing: {diff}). "
+        differing = sorted(k for k in set(old) | set(new) if k not in placement and old.get(k) != new.get(k))
+        trained = rundir.readable_checkpoint_steps(run_dir / "checkpoints") or (run_dir / "metrics.jsonl").exists()
+        if differing and trained:
+            raise ValueError(f"{run_dir} holds a run with a different config (top-level keys differing: {differing}). "
                              f"Resume it with the same config, or pass a new --workdir; nothing was changed.")
-    if write:
-        path.write_text(json.dumps(new, indent=2, sort_keys=True))
+    return new
 
 
 class _StopFlag:
-    """Set by SIGTERM (preemption): the loop saves a checkpoint and returns."""
+    """Set by SIGTERM (preemption) or SIGINT: the loop saves a checkpoint and stops. A second SIGINT interrupts."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signum = None
+        self._previous = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no signal handling
-            self._previous = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                pass
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
         return False
 
 
-def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
-    """Host copies of the pending step metrics, checked for NaN/Inf, averaged."""
+def _host_metrics(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+    """Host copies of the pending step metrics, checked for NaN/Inf."""
     host = jax.device_get([m for _, m in pending])
     for (step, _), m in zip(pending, host):
         bad = {k: float(v) for k, v in m.items() if not np.isfinite(v)}
@@ -213,7 +210,7 @@ def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
             raise FloatingPointError(
                 f"non-finite training metrics {bad} at step {step + 1}. The run stopped; the last good checkpoint "
                 f"is kept. Lower optim.learning_rate, add warmup (optim.warmup_epochs) or check the data.")
-    return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    return [(step, {k: float(v) for k, v in m.items()}) for (step, _), m in zip(pending, host)]
 
 
 def _init_from_torch(state: TrainState, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
@@ -235,9 +232,10 @@ def _place(batch: dict, mesh) -> dict:
     return parallel.shard_batch(jax.tree.map(lambda x: x[start:start + per_process], batch), mesh)
 
 
-def _effective_name(name: str, model: nn.Module) -> str:
+def run_name(config: ml_collections.ConfigDict, model: nn.Module) -> str:
     """The registry name with overridden cardinality/width folded in (`resnext11_1x16d` with C=4, d=6 ->
     `resnext11_4x6d`)."""
+    name = config.model.name
     if hasattr(model, "cardinality"):
         return re.sub(r"_\d+x\d+d$", f"_{model.cardinality}x{model.base_width}d", name)
     if hasattr(model, "groups"):
@@ -247,34 +245,29 @@ def _effective_name(name: str, model: nn.Module) -> str:
 
 
 def preflight(config: ml_collections.ConfigDict) -> None:
-    """Checks what can be checked before any work: the model name and overrides, the mesh against the devices and
-    batch sizes, and that the groups split over `mesh.model`. Raises `ValueError` naming the fix."""
-    mesh = parallel.make_mesh(config.mesh)
-    parallel.check_batch_divides(config.data.batch_size, mesh)
-    parallel.check_batch_divides(config.data.eval_batch_size, mesh)
-    model = build_model(config, 10)
-    model_size = mesh.shape[parallel.MODEL]
-    if config.parallel not in ("shard_map", "pmap") or (config.parallel == "pmap" and model_size > 1):
-        raise ValueError(f"parallel={config.parallel!r} with mesh.model={model_size}: use 'shard_map' "
-                         f"('pmap' runs data parallel only, mesh.model=1).")
-    if model_size > 1:
-        parallel.group_parallel_rules(model)
-        groups = getattr(model, "cardinality", None) or getattr(model, "groups", 1)
-        if groups % model_size:
-            raise ValueError(f"{_effective_name(config.model.name, model)} has {groups} group(s), not divisible by "
-                             f"mesh.model={model_size}: group parallelism splits whole groups; run the points whose "
-                             f"groups divide {model_size} (--point), or use --config.mesh.model=1.")
+    """See `gconv.preflight.preflight`."""
+    from gconv.preflight import preflight as check
+
+    check(config)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any] | None:
-    """Trains and evaluates one configuration in `workdir`; returns the run summary (also `summary.json`), or None
-    when stopped by SIGTERM after saving a checkpoint."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> dict[str, Any]:
+    """Trains and evaluates one configuration in `workdir` (a local path or a URL such as `gs://bucket/run`);
+    returns the run summary (also `summary.json`). Raises `Stopped` after saving a checkpoint on SIGTERM/SIGINT.
+
+    Nothing is written before `preflight` passes; the run directory is locked while the run is in it.
+    """
     preflight(config)
-    run_dir = Path(workdir)
+    run_dir = rundir.as_path(workdir)
     is_main = jax.process_index() == 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_config(run_dir, config, write=is_main)
+    config_json = _check_config(run_dir, config)
+    with rundir.RunLock(run_dir) if is_main else contextlib.nullcontext() as lock:
+        return _train(config, config_json, run_dir, lock)
 
+
+def _train(config: ml_collections.ConfigDict, config_json: dict, run_dir: Any,
+           lock: rundir.RunLock | None) -> dict[str, Any]:
+    is_main = lock is not None
     # Data.
     train_source, info = data_lib.get_source(config.data, "train")
     eval_source, _ = data_lib.get_source(config.data, "eval")
@@ -293,63 +286,84 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         config, info.num_classes, axis_name=axis_name, model_axis=parallel.MODEL, model_size=model_size)
     tx, schedule = create_optimizer(config.optim, steps_per_epoch, total_steps)
     state = create_train_state(model, tx, info.image_shape, config.seed)
-    manager = ocp.CheckpointManager(
-        (run_dir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
-    resume_step = manager.latest_step()
-    if config.init_from and resume_step is None:
+    ckpt_dir = run_dir / "checkpoints"
+    steps = rundir.readable_checkpoint_steps(ckpt_dir)
+    if config.init_from and not steps:
         state = _init_from_torch(state, tx, config, info.num_classes)
     specs = P() if model_size == 1 else parallel.partition_specs(state, parallel.group_parallel_rules(model))
     if distributed:
         state = parallel.shard_state(state, mesh, specs)
-    if resume_step is not None:  # resume, onto this run's mesh and shardings
-        state = manager.restore(resume_step, args=ocp.args.StandardRestore(state))
+    checkpointer = ocp.StandardCheckpointer()
+    resume_step, restored = rundir.restore_newest_readable(  # onto this run's mesh and shardings
+        ckpt_dir, lambda s: checkpointer.restore(ckpt_dir / str(s) / "default", state), steps, set_aside=is_main)
+    state = restored if resume_step is not None else state
     start_step = int(state.step)
-    log = _MetricsLog(run_dir / "metrics.jsonl", start_step, enabled=is_main)
+    if is_main:  # the config is good and the state is built: from here on the directory holds this run
+        rundir.write_json(run_dir / "config.json", config_json)
+    summary_path = run_dir / "summary.json"
+    if start_step >= total_steps and summary_path.exists():
+        print(f"{run_dir.name}: already trained to step {start_step}; its summary is kept.", flush=True)
+        return rundir.read_json(summary_path)
+    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+        max_to_keep=config.keep_checkpoints, create=True))
+    log = rundir.MetricsLog(run_dir / "metrics.jsonl", start_step, enabled=is_main)
+    pending_path = run_dir / "pending.json"
+    saved = rundir.read_json(pending_path) if pending_path.exists() else {}
+    pending: list[tuple[int, dict]] = [tuple(p) for p in saved.get("metrics", [])] if saved.get(
+        "step") == start_step else []  # the unlogged steps before the checkpoint: the next log line covers them
 
     step_fn = functools.partial(train_step, model=local_model, tx=tx, schedule=schedule,
                                 label_smoothing=config.optim.label_smoothing)
     eval_fn = functools.partial(eval_step, model=local_model)
     if not distributed:
-        p_train, p_eval, place = jax.jit(step_fn, donate_argnums=0), jax.jit(eval_fn), lambda b: b
+        train_fn, eval_fn, place = jax.jit(step_fn, donate_argnums=0), jax.jit(eval_fn), lambda b: b
     elif config.parallel == "pmap":
-        p_train, p_eval, place = parallel.pmap_data_parallel(step_fn), jax.jit(eval_fn), lambda b: b
+        train_fn, eval_fn, place = parallel.pmap_data_parallel(step_fn), jax.jit(eval_fn), lambda b: b
     else:
-        p_train = parallel.shard_step(step_fn, mesh, specs)
-        p_eval = parallel.shard_step(eval_fn, mesh, specs, returns_state=False, donate=False)
+        train_fn = parallel.shard_step(step_fn, mesh, specs)
+        eval_fn = parallel.shard_step(eval_fn, mesh, specs, returns_state=False, donate=False)
         place = functools.partial(_place, mesh=mesh)
     batches = map(place, data_lib.train_batches(train_source, info, batch_size, seed=config.seed,
                                                 start_step=start_step, augment=config.data.augment))
 
     def run_eval(step: int) -> dict:
         eval_batches = data_lib.eval_batches(eval_source, info, config.data.eval_batch_size)
-        metrics = evaluate(p_eval, state, map(place, eval_batches))
+        metrics = evaluate(eval_fn, state, map(place, eval_batches))
         log.write({"step": step, **metrics})
         return metrics
 
+    def save(step: int) -> None:
+        manager.save(step, args=ocp.args.StandardSave(state))
+        if is_main:
+            rundir.write_json(pending_path, {"step": step, "metrics": [list(p) for p in pending]})
+
     # Train.
-    pending: list[tuple[int, dict]] = []
-    t_session, t_interval, throughput = time.time(), time.time(), []
+    t_session = t_interval = time.time()
+    interval_steps, first_interval, throughput = 0, True, []
     bar = tqdm(total=total_steps, initial=start_step, disable=not (is_main and sys.stderr.isatty()),
                desc=run_dir.name, unit="step", dynamic_ncols=True)
     with _StopFlag() as stop:
         for step in range(start_step, total_steps):
-            state, metrics = p_train(state, next(batches))
+            state, metrics = train_fn(state, next(batches))
             pending.append((step, metrics))
+            if lock is not None:
+                lock.beat()
+            interval_steps += 1
             done = step + 1
-            stopping = stop.requested  # read once: a SIGTERM landing mid-iteration is handled at the next step
+            stopping = stop.signum  # read once: a signal landing mid-iteration is handled at the next step
             is_log = done % config.log_every_steps == 0 or done == total_steps
             is_ckpt = done % config.checkpoint_every_steps == 0 or done == total_steps or stopping
             if is_log or is_ckpt:
-                train_metrics = _mean_metrics(pending)  # raises on NaN/Inf before anything is saved
+                pending = _host_metrics(pending)  # raises on NaN/Inf before anything is saved
+            if is_log:
                 now = time.time()
-                img_per_sec = len(pending) * batch_size / (now - t_interval)
-                if done - len(pending) > start_step:  # the first interval includes compilation
+                img_per_sec = interval_steps * batch_size / (now - t_interval)
+                if not first_interval:  # the first interval of a session includes compilation
                     throughput.append(img_per_sec)
-                pending, t_interval = [], now
-                record = {"step": done, **{f"train_{k}": v for k, v in train_metrics.items()},
-                          "img_per_sec": img_per_sec, "wall_time": log.wall_offset + now - t_session}
-                log.write(record)
+                train_metrics = {k: float(np.mean([m[k] for _, m in pending])) for k in pending[0][1]}
+                pending, t_interval, interval_steps, first_interval = [], now, 0, False
+                log.write({"step": done, **{f"train_{k}": v for k, v in train_metrics.items()},
+                           "img_per_sec": img_per_sec, "wall_time": log.wall_offset + now - t_session})
                 bar.set_postfix(loss=f"{train_metrics['loss']:.4f}", img_s=f"{img_per_sec:,.0f}")
             if done % config.eval_every_steps == 0 or done == total_steps:
                 metrics = run_eval(done)
@@ -359,30 +373,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     print(f"{run_dir.name} step {done}/{total_steps}: top-1 error {metrics['eval_top1_error']:.2f}%",
                           flush=True)
             if is_ckpt:
-                manager.save(done, args=ocp.args.StandardSave(state))
+                save(done)
             bar.update(1)
             if stopping:
                 manager.wait_until_finished()
                 bar.close()
-                print(f"SIGTERM: saved checkpoint at step {done} in {run_dir}; relaunch to resume.", flush=True)
-                return None
+                raise Stopped(stopping, done, run_dir)
     manager.wait_until_finished()
     bar.close()
 
     # Summary.
-    history = read_metrics(run_dir / "metrics.jsonl") if is_main else []
+    history = log.records
     evals = [r for r in history if "eval_top1_error" in r]
-    wall = max((r.get("wall_time", 0.0) for r in history), default=0.0)
+    wall = max((r.get("wall_time") or 0.0 for r in history), default=0.0)
+    previous = rundir.read_json(summary_path) if summary_path.exists() else {}
     summary = {
-        "name": run_dir.name, "model": _effective_name(config.model.name, model), "steps": total_steps,
+        "name": run_dir.name, "model": run_name(config, model), "steps": total_steps,
         **{field: getattr(model, field, None)
            for field in ("cardinality", "base_width", "groups", "width_multiplier", "shuffle")},
         "params": count_params(state.params), "mflops": count_flops(model, info.image_shape) / 1e6,
-        "final_top1_error": evals[-1]["eval_top1_error"] if evals else math.nan,
-        "best_top1_error": min((r["eval_top1_error"] for r in evals), default=math.nan),
-        "img_per_sec": float(np.median(throughput)) if throughput else math.nan,
+        "final_top1_error": evals[-1]["eval_top1_error"] if evals else None,
+        "best_top1_error": min((r["eval_top1_error"] for r in evals), default=None),
+        "img_per_sec": float(np.median(throughput)) if throughput else previous.get("img_per_sec"),
         "wall_time": wall, "paper_top1_error": config.get("paper_top1_error"),
     }
     if is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        rundir.write_json(summary_path, summary)
     return summary

@@ -6,3 +6,20 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("GCONV_AUTOTUNE", "0")
+
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    """`launch.py` in this process: `cli(*args) -> exit code`, with the repository as working directory."""
+    monkeypatch.chdir(ROOT)
+    spec = importlib.util.spec_from_file_location("gconv_launch", ROOT / "launch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return lambda *args: module.run(list(args))

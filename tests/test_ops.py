@@ -193,3 +193,17 @@ def test_bad_shuffle_raises_value_error():
         ops.channel_shuffle(jnp.zeros((1, 10)), 3)
     with pytest.raises(ValueError, match="groups=0"):
         ops.channel_shuffle(jnp.zeros((1, 10)), 0)
+
+
+def test_integer_scalar_groups_and_clear_errors_for_axis_and_dtype():
+    x, k = _rand(0, (1, 6, 6, 4)), _rand(1, (3, 3, 2, 4))
+    want = ops.grouped_conv(x, k, 2)
+    for groups in (np.int64(2), jnp.int32(2)):
+        np.testing.assert_array_equal(ops.grouped_conv(x, k, groups), want)
+        np.testing.assert_array_equal(ops.channel_shuffle(x, groups), ops.channel_shuffle(x, 2))
+    with pytest.raises(ValueError, match="groups=True"):
+        ops.grouped_conv(x, k, True)
+    with pytest.raises(ValueError, match="axis=4 is out of range for an array of rank 4"):
+        ops.channel_shuffle(x, 2, axis=4)
+    with pytest.raises(ValueError, match="x is float32 but kernel is bfloat16: cast both to one dtype"):
+        ops.grouped_conv(x, k.astype(jnp.bfloat16), 2)

@@ -1,0 +1,95 @@
+"""Checks of a run's config before anything is written: every value that can be checked without training.
+
+`preflight(config)` raises `ValueError` (or `FileNotFoundError` for missing data and weights) with a one-line
+message naming the key, the bad value and a valid choice.
+"""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import ml_collections
+
+from gconv import data as data_lib
+from gconv import parallel
+
+__all__ = ["preflight", "OPTIMIZERS", "SCHEDULES"]
+
+OPTIMIZERS, SCHEDULES = ("sgd", "adamw"), ("cosine", "step", "constant")
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _positive(config: ml_collections.ConfigDict, *keys: str) -> None:
+    for key in keys:
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        if not isinstance(node, (int, float)) or isinstance(node, bool) or not node > 0:
+            raise ValueError(f"{key}={node!r} must be a positive number (e.g. --config.{key}=1 or more).")
+
+
+def _check_values(config: ml_collections.ConfigDict) -> None:
+    _positive(config, "data.batch_size", "data.eval_batch_size", "log_every_steps", "eval_every_steps",
+              "checkpoint_every_steps", "keep_checkpoints")
+    if not (config.num_steps > 0 or config.num_epochs > 0):
+        raise ValueError(f"num_steps={config.num_steps} and num_epochs={config.num_epochs}: set one of them > 0.")
+    if str(config.model.get("dtype", "float32")) not in _FLOAT_DTYPES:
+        raise ValueError(f"model.dtype={config.model.dtype!r} is not a float type: use one of {list(_FLOAT_DTYPES)}.")
+    for key, value in config.model.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError(f"model.{key}={value} must be >= 1.")
+    optim = config.optim
+    if optim.name not in OPTIMIZERS:
+        raise ValueError(f"optim.name={optim.name!r} is not known: use one of {list(OPTIMIZERS)}.")
+    if optim.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule={optim.schedule!r} is not known: use one of {list(SCHEDULES)}.")
+    for key in ("learning_rate", "weight_decay", "momentum", "warmup_epochs", "label_smoothing"):
+        value = optim[key]
+        if not math.isfinite(value) or value < 0 or (key == "learning_rate" and value == 0):
+            raise ValueError(f"optim.{key}={value} must be a finite number >= 0"
+                             f"{' and > 0' if key == 'learning_rate' else ''}.")
+    if config.data.name not in data_lib.DATASETS:
+        raise ValueError(f"data.name={config.data.name!r} is not known: use one of {data_lib.DATASETS}.")
+
+
+def _check_init_from(path: str) -> None:
+    from gconv.convert import read_state_dict
+
+    try:
+        read_state_dict(path)
+    except (FileNotFoundError, ImportError):
+        raise
+    except Exception as e:  # safetensors/torch raise their own types for a damaged file
+        raise ValueError(f"init_from={path!r} cannot be read as a PyTorch state dict ({type(e).__name__}: {e}): "
+                         f"pass a .pth/.pt/.safetensors file saved from torchvision/timm/imgclsmob.") from e
+
+
+def preflight(config: ml_collections.ConfigDict) -> None:
+    """Checks sizes, intervals, names, dtypes, the model and its overrides, the mesh against the devices and batch
+    sizes, that the groups split over `mesh.model`, that the dataset is present and that `init_from` reads."""
+    from gconv.train import build_model, run_name  # the model builder lives with the training loop
+
+    _check_values(config)
+    mesh = parallel.make_mesh(config.mesh)
+    parallel.check_batch_divides(config.data.batch_size, mesh)
+    parallel.check_batch_divides(config.data.eval_batch_size, mesh)
+    jnp.dtype(config.model.get("dtype", "float32"))
+    model = build_model(config, 10)
+    model_size = mesh.shape[parallel.MODEL]
+    if config.parallel not in ("shard_map", "pmap") or (config.parallel == "pmap" and model_size > 1):
+        raise ValueError(f"parallel={config.parallel!r} with mesh.model={model_size}: use 'shard_map' "
+                         f"('pmap' runs data parallel only, mesh.model=1).")
+    if model_size > 1:
+        parallel.group_parallel_rules(model)
+        groups = getattr(model, "cardinality", None) or getattr(model, "groups", 1)
+        if groups % model_size:
+            raise ValueError(f"{run_name(config, model)} has {groups} group(s), not divisible by "
+                             f"mesh.model={model_size}: group parallelism splits whole groups; run the points whose "
+                             f"groups divide {model_size} (--point), or use --config.mesh.model=1.")
+    for split in ("train", "eval"):
+        source, _ = data_lib.get_source(config.data, split)
+        if split == "train" and config.data.batch_size > len(source):
+            raise ValueError(f"data.batch_size={config.data.batch_size} is larger than the {len(source)} training "
+                             f"examples of {config.data.name!r}: use at most {len(source)}.")
+    if config.init_from:
+        _check_init_from(config.init_from)

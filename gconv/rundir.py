@@ -1,0 +1,216 @@
+"""Run directories on any storage: local paths, `gs://` and `s3://` alike through `etils.epath`.
+
+Small files (config, summaries, metrics) are written atomically (a temporary name, then a rename) as strict JSON
+(NaN/Inf become null) and read tolerantly (a torn last line of a JSON-lines file is dropped with a warning). A lock
+keeps two launches out of one run directory; checkpoints that cannot be read are set aside, with one line saying
+so, and the newest readable one is used.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import socket
+import time
+import uuid
+import warnings
+from typing import Any, Callable, Sequence
+
+from etils import epath
+
+__all__ = ["as_path", "to_json", "write_text", "write_json", "read_json", "read_jsonl", "MetricsLog", "RunLock",
+           "RunDirError", "readable_checkpoint_steps", "restore_newest_readable"]
+
+
+class RunDirError(Exception):
+    """A run directory that cannot be used as asked (busy, unreadable); the message says what to do."""
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """An `epath.Path` for a local path (made absolute, `~` expanded) or a URL (`gs://bucket/dir`, `s3://...`)."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(os.path.expanduser(text)))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def to_json(value: Any, **kwargs: Any) -> str:
+    """Strict JSON: NaN and infinities become null."""
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
+def write_text(path: epath.Path, text: str) -> None:
+    """Writes `text` to `path` atomically: readers see the old file or the new one, never a torn one. (An object
+    store's single PUT already is; on a file system, a temporary name and a rename make it so.)"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if "://" in str(path):
+        path.write_text(text)
+        return
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_json(path: epath.Path, value: Any) -> None:
+    write_text(path, to_json(value, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: epath.Path) -> Any:
+    """A JSON file's content; an unreadable one raises `RunDirError` naming it."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise RunDirError(f"{path} is not valid JSON ({e}): restore it, or delete it to start that run afresh.") from e
+
+
+def read_jsonl(path: epath.Path) -> list[dict]:
+    """The records of a JSON-lines file. A torn last line (a write cut short) is dropped with a warning; damage
+    anywhere else raises `RunDirError` naming the file and line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: dropped a torn last line ({e}).", stacklevel=2)
+                break
+            raise RunDirError(f"{path} line {i + 1} is not valid JSON ({e}): restore the file, or delete it "
+                              f"together with the run's checkpoints to start afresh.") from e
+    return records
+
+
+class MetricsLog:
+    """`metrics.jsonl`: kept in memory and rewritten atomically on each record (object storage cannot append).
+    On resume, records past the restored step are dropped."""
+
+    def __init__(self, path: epath.Path, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.records = [r for r in read_jsonl(path) if r["step"] <= resume_step] if path.exists() else []
+        self.wall_offset = max((r.get("wall_time") or 0.0 for r in self.records), default=0.0)
+        if enabled and path.exists():
+            self._flush()
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        if self.enabled:
+            self._flush()
+
+    def _flush(self) -> None:
+        write_text(self.path, "".join(to_json(r) + "\n" for r in self.records))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """`lock.json` in a run directory: who holds it (host, pid, start time) and a heartbeat, refreshed by `beat()`
+    (the training loop calls it every step; it writes at most every `stale_after / 4` seconds). A second holder is
+    refused; a lock whose holder is gone (same host: no such pid; elsewhere: no heartbeat for `stale_after`
+    seconds) is taken over, with a line saying so."""
+
+    def __init__(self, run_dir: epath.Path, stale_after: float = 600.0):
+        self.path, self.stale_after = run_dir / "lock.json", stale_after
+        self.token = uuid.uuid4().hex
+        self._last_beat = 0.0
+        self._info = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
+                      "started": datetime.datetime.now().isoformat(timespec="seconds")}
+
+    def _holder_alive(self, info: dict) -> bool:
+        if info.get("host") == socket.gethostname():
+            return _pid_alive(int(info.get("pid", -1)))
+        return time.time() - float(info.get("heartbeat", 0.0)) < self.stale_after
+
+    def acquire(self) -> "RunLock":
+        if self.path.exists():
+            try:
+                info = json.loads(self.path.read_text())
+            except ValueError:
+                info = {}
+            if info.get("token") != self.token and self._holder_alive(info):
+                age = time.time() - float(info.get("heartbeat", time.time()))
+                raise RunDirError(
+                    f"{self.path.parent} is in use by pid {info.get('pid')} on {info.get('host')} since "
+                    f"{info.get('started')} (heartbeat {age:.0f} s ago): wait for that run, stop it, or pass "
+                    f"another --workdir.")
+            if info:
+                print(f"note: taking over the lock of {self.path.parent} from pid {info.get('pid')} on "
+                      f"{info.get('host')}, which is gone.", flush=True)
+        self.beat(force=True)
+        if json.loads(self.path.read_text()).get("token") != self.token:  # another launch won the race
+            raise RunDirError(f"{self.path.parent} was taken by another launch at the same moment: pass another "
+                              f"--workdir or retry.")
+        return self
+
+    def beat(self, force: bool = False) -> None:
+        """Refreshes the heartbeat (if `stale_after / 4` seconds have passed since the last one)."""
+        now = time.time()
+        if force or now - self._last_beat >= self.stale_after / 4:
+            write_text(self.path, to_json({**self._info, "heartbeat": now}))
+            self._last_beat = now
+
+    def release(self) -> None:
+        try:
+            if json.loads(self.path.read_text()).get("token") == self.token:
+                self.path.unlink()
+        except (FileNotFoundError, ValueError):
+            pass
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def readable_checkpoint_steps(ckpt_dir: epath.Path) -> list[int]:
+    """Step numbers of the checkpoints under `ckpt_dir` (folders named by their step), oldest first."""
+    if not ckpt_dir.exists():
+        return []
+    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+
+
+def restore_newest_readable(ckpt_dir: epath.Path, restore: Callable[[int], Any], steps: Sequence[int] | None = None,
+                            set_aside: bool = False) -> tuple[int | None, Any]:
+    """`(step, restore(step))` for the newest checkpoint that restores, trying older ones after a failure.
+
+    Each unreadable checkpoint is reported in one line (step and reason). With `set_aside`, it is moved to
+    `checkpoints_unreadable/STEP` beside `ckpt_dir` (kept, not deleted) so a resumed run can save that step again.
+    Returns `(None, None)` when there is no checkpoint; raises `RunDirError` when none of them restores.
+    """
+    steps = list(steps) if steps is not None else readable_checkpoint_steps(ckpt_dir)
+    failures = []
+    for step in sorted(steps, reverse=True):
+        try:
+            return step, restore(step)
+        except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint; all mean "unreadable"
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            failures.append(step)
+            where = ""
+            if set_aside:
+                aside = ckpt_dir.parent / "checkpoints_unreadable" / str(step)
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                (ckpt_dir / str(step)).rename(aside)
+                where = f"; moved to {aside}"
+            print(f"warning: checkpoint step {step} in {ckpt_dir} is unreadable ({reason}){where}; trying an older "
+                  f"one.", flush=True)
+    if failures:
+        raise RunDirError(f"none of the checkpoints in {ckpt_dir} (steps {sorted(failures)}) can be read: move the "
+                          f"folder away to start the run afresh.")
+    return None, None

@@ -1,0 +1,163 @@
+"""Faults a real cluster produces, each reproduced: bad values and failed starts, busy and damaged run directories,
+preemption, torn files."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gconv.train import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--config", "experiments/default.py:local", "--point", "c2", "--config.mesh.data=1"]
+TIMING = ("img_per_sec", "wall_time")
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def _launch(*args, env=None, check=True):
+    proc = subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _start(*args):
+    return subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(path: Path, proc, timeout=240.0):
+    deadline = time.time() + timeout
+    while not (path.exists() and path.stat().st_size > 0):
+        assert proc.poll() is None, f"run ended early:\n{proc.stdout.read()}"
+        assert time.time() < deadline, f"{path} did not appear in time"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("--config.data.eval_batch_size=0", "data.eval_batch_size"),
+    ("--config.data.batch_size=0", "data.batch_size"),
+    ("--config.data.batch_size=4096", "data.batch_size"),
+    ("--config.log_every_steps=0", "log_every_steps"),
+    ("--config.checkpoint_every_steps=0", "checkpoint_every_steps"),
+    ("--config.model.cardinality=0", "model.cardinality"),
+    ("--config.model.dtype=float77", "model.dtype"),
+    ("--config.optim.name=adam2", "optim.name"),
+    ("--config.optim.learning_rate=nan", "optim.learning_rate"),
+    ("--config.optim.learning_rate=ten", "optim.learning_rate"),
+    ("--config.data.name=mnist", "data.name"),
+    ("--config.data.name=cifar10", "data_dir"),  # not prepared: says how to prepare it
+])
+def test_bad_values_stop_in_one_line_before_the_run_directory_is_touched(cli, tmp_path, capsys, override, key):
+    code = cli(*TINY, "--workdir", str(tmp_path / "w"), override, f"--config.data.data_dir={tmp_path / 'tfds'}")
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and key in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_unknown_variant_and_unreadable_init_from(cli, tmp_path, capsys):
+    assert cli("--config", "experiments/default.py:loacl", "--workdir", str(tmp_path / "w")) == 2
+    assert "no variant 'loacl'" in capsys.readouterr().err and not (tmp_path / "w").exists()
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(np.random.default_rng().bytes(4096))
+    assert cli(*TINY, "--workdir", str(tmp_path / "w"), f"--config.init_from={junk}") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "init_from=" in err and "cannot be read" in err and not (tmp_path / "w").exists()
+
+
+def test_failed_start_does_not_block_the_corrected_relaunch(cli, tmp_path, capsys):
+    workdir = tmp_path / "w"
+    (workdir / "c2").mkdir(parents=True)  # what an older, failed start left: a config.json and nothing trained
+    (workdir / "c2" / "config.json").write_text(json.dumps({"data": {"name": "cifar10"}}))
+    assert cli(*TINY, "--workdir", str(workdir), "--config.num_steps=2") == 0
+    assert json.loads((workdir / "c2" / "config.json").read_text())["data"]["name"] == "digits"
+
+
+def test_finished_run_relaunch_keeps_its_summary_as_strict_json(cli, tmp_path):
+    args = [*TINY, "--workdir", str(tmp_path), "--config.num_steps=6", "--config.log_every_steps=2"]
+    assert cli(*args) == 0
+    before = (tmp_path / "c2" / "summary.json").read_text()
+    assert cli(*args) == 0
+    after = (tmp_path / "c2" / "summary.json").read_text()
+    assert before == after
+    summary = json.loads(after, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert summary["img_per_sec"] is not None and summary["img_per_sec"] > 0
+
+
+def _corrupt_newest(run: Path) -> int:
+    step = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    files = [p for p in (run / "checkpoints" / str(step)).rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files, "no data files found in the checkpoint"
+    for p in files:  # a copy cut short by preemption
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    return step
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(cli, tmp_path, capsys):
+    args = [*TINY, "--config.num_steps=6", "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
+            "--config.keep_checkpoints=3"]
+    assert cli(*args, "--workdir", str(tmp_path / "straight")) == 0
+    run = tmp_path / "damaged" / "c2"
+    assert cli(*args, "--workdir", str(tmp_path / "damaged")) == 0
+    bad = _corrupt_newest(run)
+    (run / "summary.json").unlink()
+    capsys.readouterr()
+    assert cli(*args, "--workdir", str(tmp_path / "damaged")) == 0
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning: checkpoint")]
+    assert len(warnings) == 1 and f"step {bad}" in warnings[0] and "unreadable" in warnings[0], out
+    assert (run.parent / "c2" / "checkpoints_unreadable" / str(bad)).exists()  # set aside, not deleted
+    assert _strip(read_metrics(run / "metrics.jsonl")) == _strip(read_metrics(tmp_path / "straight/c2/metrics.jsonl"))
+    _corrupt_newest(run)  # report and analyze fall back too, in one line each
+    assert cli("analyze", str(run)) == 0
+    out = capsys.readouterr().out
+    assert sum(line.startswith("warning: checkpoint") for line in out.splitlines()) == 1
+    assert "block-diagonality" in out and "Traceback" not in out
+
+
+def test_second_launch_is_refused_and_a_dead_holder_is_taken_over(cli, tmp_path, capsys):
+    args = [*TINY, "--workdir", str(tmp_path), "--config.num_steps=40", "--config.checkpoint_every_steps=10",
+            "--config.log_every_steps=5"]
+    first = _start(*args)
+    _wait_for(tmp_path / "c2" / "metrics.jsonl", first)
+    assert cli(*args) == 2
+    err = capsys.readouterr().err
+    assert f"is in use by pid {first.pid} on {socket.gethostname()}" in err and len(err.strip().splitlines()) == 1
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert cli(*args) == 0
+    assert "taking over the lock" in capsys.readouterr().out
+    steps = [r["step"] for r in read_metrics(tmp_path / "c2" / "metrics.jsonl") if "train_loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # no record twice, none out of order
+    assert not (tmp_path / "c2" / "lock.json").exists()
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_then_resume_equals_an_uninterrupted_run(tmp_path, sig, code):
+    args = [*TINY, "--config.num_steps=120", "--config.checkpoint_every_steps=50", "--config.log_every_steps=7",
+            "--config.eval_every_steps=40"]
+    _launch(*args, "--workdir", str(tmp_path / "straight"))
+    run = tmp_path / "stopped" / "c2"
+    proc = _start(*args, "--workdir", str(tmp_path / "stopped"))
+    _wait_for(run / "metrics.jsonl", proc)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == code, out
+    assert f"{signal.Signals(sig).name}: saved checkpoint at step" in out
+    with (run / "metrics.jsonl").open("a") as f:  # and a torn line, as a write cut short leaves it
+        f.write('{"step": 999, "train_lo')
+    resumed = _launch(*args, "--workdir", str(tmp_path / "stopped"))
+    assert "torn last line" in resumed.stderr
+    straight = read_metrics(tmp_path / "straight" / "c2" / "metrics.jsonl")
+    assert _strip(read_metrics(run / "metrics.jsonl")) == _strip(straight)
