@@ -14,19 +14,19 @@ import numpy as np
 from gconv.complexity import breakdown
 from gconv.layers import GroupedConv
 
-__all__ = ["layer_outputs", "filter_correlation", "block_diagonality", "kernel_views", "first_layer_view",
+__all__ = ["layer_outputs", "filter_correlation", "filter_correlations", "block_diagonality", "kernel_views", "first_layer_view",
            "default_layer_pairs", "compute_breakdown"]
 
 
-def layer_outputs(model: nn.Module, variables: Any, batch: jax.Array, paths: Sequence[str]) -> dict[str, jax.Array]:
-    """Outputs of the modules at `paths` ("stage1/block0/conv_group") on `batch`, in eval mode."""
-    found: dict[str, jax.Array] = {}
+def _intercepted(model: nn.Module, variables: Any, batch: jax.Array, paths: Sequence[str], record) -> dict:
+    """Applies `model` in eval mode; `{path: record(module, output)}` for the modules at `paths`."""
+    found: dict[str, Any] = {}
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         path = "/".join(context.module.scope.path)
         if context.method_name == "__call__" and path in paths:
-            found[path] = out
+            found[path] = record(context.module, out)
         return out
 
     with nn.intercept_methods(interceptor):
@@ -38,17 +38,44 @@ def layer_outputs(model: nn.Module, variables: Any, batch: jax.Array, paths: Seq
     return found
 
 
-def _grouped_module(model: nn.Module, variables: Any, batch: jax.Array, path: str) -> int:
-    groups = {}
+def layer_outputs(model: nn.Module, variables: Any, batch: jax.Array, paths: Sequence[str]) -> dict[str, jax.Array]:
+    """Outputs of the modules at `paths` ("stage1/block0/conv_group") on `batch`, in eval mode (one compiled
+    forward pass)."""
+    paths = tuple(paths)
+    return jax.jit(lambda v, x: _intercepted(model, v, x, paths, lambda module, out: out))(variables, batch)
 
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and "/".join(context.module.scope.path) == path:
-            groups[path] = context.module.groups if isinstance(context.module, GroupedConv) else 1
-        return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(interceptor):
-        model.apply(variables, batch[:1], train=False)
-    return groups.get(path, 1)
+def _groups_of(model: nn.Module, variables: Any, batch: jax.Array, paths: Sequence[str]) -> dict[str, int]:
+    """`groups` of each module at `paths` (1 for anything but a `GroupedConv`), from a shape-only trace."""
+    found = {}
+
+    def record(module, out):
+        found[module.scope.path] = module.groups if isinstance(module, GroupedConv) else 1
+        return out
+
+    jax.eval_shape(lambda v, x: _intercepted(model, v, x, tuple(paths), record), variables, batch[:1])
+    return {"/".join(path): groups for path, groups in found.items()}
+
+
+def filter_correlations(model: nn.Module, variables: Any, batch: jax.Array,
+                        pairs: Sequence[tuple[str, str]]) -> list[tuple[np.ndarray, float, int]]:
+    """`filter_correlation` for each `(layer_a, layer_b)` in `pairs`, from one forward pass."""
+    paths = sorted({path for pair in pairs for path in pair})
+    outs = layer_outputs(model, variables, batch, paths)
+    groups = _groups_of(model, variables, batch, paths)
+    results = []
+    for layer_a, layer_b in pairs:
+        a, b = np.asarray(outs[layer_a], np.float64), np.asarray(outs[layer_b], np.float64)
+        if a.shape[1:3] != b.shape[1:3]:
+            fh, fw = a.shape[1] // b.shape[1], a.shape[2] // b.shape[2]
+            a = a[:, :b.shape[1] * fh, :b.shape[2] * fw].reshape(a.shape[0], b.shape[1], fh, b.shape[2], fw, -1)
+            a = a.mean(axis=(2, 4))
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        a = (a - a.mean(0)) / (a.std(0) + 1e-12)
+        b = (b - b.mean(0)) / (b.std(0) + 1e-12)
+        corr = np.abs(a.T @ b) / a.shape[0]
+        results.append((corr, block_diagonality(corr, groups[layer_b]), groups[layer_b]))
+    return results
 
 
 def filter_correlation(model: nn.Module, variables: Any, batch: jax.Array, layer_a: str,
@@ -58,18 +85,7 @@ def filter_correlation(model: nn.Module, variables: Any, batch: jax.Array, layer
     Returns `(corr: (C_a, C_b), score, groups)`: `score = block_diagonality(corr, groups)` with `groups` of
     `layer_b`. `layer_a`'s responses are average-pooled to `layer_b`'s spatial size when `layer_b` strides.
     """
-    outs = layer_outputs(model, variables, batch, [layer_a, layer_b])
-    a, b = np.asarray(outs[layer_a], np.float64), np.asarray(outs[layer_b], np.float64)
-    if a.shape[1:3] != b.shape[1:3]:
-        fh, fw = a.shape[1] // b.shape[1], a.shape[2] // b.shape[2]
-        a = a[:, :b.shape[1] * fh, :b.shape[2] * fw].reshape(a.shape[0], b.shape[1], fh, b.shape[2], fw, -1)
-        a = a.mean(axis=(2, 4))
-    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-    a = (a - a.mean(0)) / (a.std(0) + 1e-12)
-    b = (b - b.mean(0)) / (b.std(0) + 1e-12)
-    corr = np.abs(a.T @ b) / a.shape[0]
-    groups = _grouped_module(model, variables, batch, layer_b)
-    return corr, block_diagonality(corr, groups), groups
+    return filter_correlations(model, variables, batch, [(layer_a, layer_b)])[0]
 
 
 def block_diagonality(corr: np.ndarray, groups: int) -> float:

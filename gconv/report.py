@@ -136,8 +136,9 @@ def _analyze_run(run_dir: epath.Path, num_images: int) -> dict[str, Any]:
     plt = _pyplot()
 
     pairs = []
-    for layer_a, layer_b in analysis.default_layer_pairs(model):
-        corr, score, groups = analysis.filter_correlation(model, variables, batch, layer_a, layer_b)
+    layer_pairs = analysis.default_layer_pairs(model)
+    for (layer_a, layer_b), (corr, score, groups) in zip(
+            layer_pairs, analysis.filter_correlations(model, variables, batch, layer_pairs)):
         name = f"corr_{layer_b.split('/')[0]}.png"
         fig, ax = plt.subplots(figsize=(4, 4), dpi=110)
         ax.imshow(corr, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")

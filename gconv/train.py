@@ -304,6 +304,8 @@ def _train(config: ml_collections.ConfigDict, config_json: dict, run_dir: Any,
     if start_step >= total_steps and summary_path.exists():
         print(f"{run_dir.name}: already trained to step {start_step}; its summary is kept.", flush=True)
         return rundir.read_json(summary_path)
+    if is_main and resume_step is not None:
+        print(f"{run_dir.name}: resuming at step {start_step} from {ckpt_dir / str(resume_step)}", flush=True)
     manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
         max_to_keep=config.keep_checkpoints, create=True))
     log = rundir.MetricsLog(run_dir / "metrics.jsonl", start_step, enabled=is_main)

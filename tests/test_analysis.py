@@ -40,6 +40,17 @@ def test_dense_random_network_scores_near_chance():
     assert abs(analysis.block_diagonality(corr, 4) - 0.25) < 0.1  # chance for 4 blocks
 
 
+def test_several_pairs_from_one_pass_equal_each_pair_alone():
+    x = jax.random.normal(jax.random.PRNGKey(0), (16, 6, 6, 16))
+    model = TwoLayers(2, 4)
+    variables = model.init(jax.random.PRNGKey(1), x)
+    pairs = [("a", "b"), ("b", "a")]
+    for (corr, score, groups), pair in zip(analysis.filter_correlations(model, variables, x, pairs), pairs):
+        alone = analysis.filter_correlation(model, variables, x, *pair)
+        np.testing.assert_allclose(corr, alone[0], rtol=1e-6)
+        assert (score, groups) == pytest.approx(alone[1:]) and groups == {"a": 2, "b": 4}[pair[1]]
+
+
 def test_block_diagonality_of_known_matrices():
     assert analysis.block_diagonality(np.eye(6), 3) == 1.0
     assert analysis.block_diagonality(np.ones((6, 6)), 3) == pytest.approx(1 / 3)

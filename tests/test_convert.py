@@ -10,6 +10,7 @@ from safetensors.numpy import load_file
 
 from gconv.convert import load_torch_weights, read_state_dict
 from gconv.models import create_model
+from launcher import launch
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CASES = {  # fixture -> (gconv name, overrides)
@@ -90,8 +91,6 @@ def test_training_starts_from_converted_weights(tmp_path):
     import ml_collections
 
     from gconv import train
-
-    from test_train import launch
 
     fixture = FIXTURES / "imgclsmob_shufflenet_g3_wd4.safetensors"
     config = ml_collections.ConfigDict(dict(model=dict(name="shufflenet_g3_wd4", dtype="float32"), init_from=str(fixture),

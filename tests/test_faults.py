@@ -1,47 +1,15 @@
 """Faults a real cluster produces, each reproduced: bad values and failed starts, busy and damaged run directories,
 preemption, torn files."""
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gconv.train import read_metrics
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--config", "experiments/default.py:local", "--point", "c2", "--config.mesh.data=1"]
-TIMING = ("img_per_sec", "wall_time")
-
-
-def _strip(records):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
-
-
-def _launch(*args, env=None, check=True):
-    proc = subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"launch.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def _start(*args):
-    return subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for(path: Path, proc, timeout=240.0):
-    deadline = time.time() + timeout
-    while not (path.exists() and path.stat().st_size > 0):
-        assert proc.poll() is None, f"run ended early:\n{proc.stdout.read()}"
-        assert time.time() < deadline, f"{path} did not appear in time"
-        time.sleep(0.02)
+from launcher import TINY, has_content, launch, start, strip_timing, wait_until
 
 
 @pytest.mark.parametrize("override,key", [
@@ -118,7 +86,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(cli, tmp_path,
     warnings = [line for line in out.splitlines() if line.startswith("warning: checkpoint")]
     assert len(warnings) == 1 and f"step {bad}" in warnings[0] and "unreadable" in warnings[0], out
     assert (run.parent / "c2" / "checkpoints_unreadable" / str(bad)).exists()  # set aside, not deleted
-    assert _strip(read_metrics(run / "metrics.jsonl")) == _strip(read_metrics(tmp_path / "straight/c2/metrics.jsonl"))
+    assert strip_timing(read_metrics(run / "metrics.jsonl")) == strip_timing(read_metrics(tmp_path / "straight/c2/metrics.jsonl"))
     _corrupt_newest(run)  # report and analyze fall back too, in one line each
     assert cli("analyze", str(run)) == 0
     out = capsys.readouterr().out
@@ -129,8 +97,8 @@ def test_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(cli, tmp_path,
 def test_second_launch_is_refused_and_a_dead_holder_is_taken_over(cli, tmp_path, capsys):
     args = [*TINY, "--workdir", str(tmp_path), "--config.num_steps=40", "--config.checkpoint_every_steps=10",
             "--config.log_every_steps=5"]
-    first = _start(*args)
-    _wait_for(tmp_path / "c2" / "metrics.jsonl", first)
+    first = start(*args)
+    wait_until(lambda: has_content(tmp_path / "c2" / "metrics.jsonl"), first, "the first metrics")
     assert cli(*args) == 2
     err = capsys.readouterr().err
     assert f"is in use by pid {first.pid} on {socket.gethostname()}" in err and len(err.strip().splitlines()) == 1
@@ -147,17 +115,17 @@ def test_second_launch_is_refused_and_a_dead_holder_is_taken_over(cli, tmp_path,
 def test_signal_then_resume_equals_an_uninterrupted_run(tmp_path, sig, code):
     args = [*TINY, "--config.num_steps=120", "--config.checkpoint_every_steps=50", "--config.log_every_steps=7",
             "--config.eval_every_steps=40"]
-    _launch(*args, "--workdir", str(tmp_path / "straight"))
+    launch(*args, "--workdir", str(tmp_path / "straight"))
     run = tmp_path / "stopped" / "c2"
-    proc = _start(*args, "--workdir", str(tmp_path / "stopped"))
-    _wait_for(run / "metrics.jsonl", proc)
+    proc = start(*args, "--workdir", str(tmp_path / "stopped"))
+    wait_until(lambda: has_content(run / "metrics.jsonl"), proc, "the first metrics")
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == code, out
     assert f"{signal.Signals(sig).name}: saved checkpoint at step" in out
     with (run / "metrics.jsonl").open("a") as f:  # and a torn line, as a write cut short leaves it
         f.write('{"step": 999, "train_lo')
-    resumed = _launch(*args, "--workdir", str(tmp_path / "stopped"))
+    resumed = launch(*args, "--workdir", str(tmp_path / "stopped"))
     assert "torn last line" in resumed.stderr
     straight = read_metrics(tmp_path / "straight" / "c2" / "metrics.jsonl")
-    assert _strip(read_metrics(run / "metrics.jsonl")) == _strip(straight)
+    assert strip_timing(read_metrics(run / "metrics.jsonl")) == strip_timing(straight)

@@ -12,7 +12,7 @@ from gconv import parallel, train
 from gconv.config import base_config
 from gconv.models import create_model
 
-from test_train import TINY, checkpoint_steps, launch
+from launcher import TINY, checkpoint_steps, launch
 
 
 def _max_diff(a, b):
