@@ -3,13 +3,31 @@
 import json
 import signal
 
+import jax
+import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from gconv import train
+from gconv.config import base_config
+from gconv.models import create_model
 from gconv.train import read_metrics
 from launcher import TINY, checkpoint_steps, launch, start, strip_timing, wait_until
+
+
+@pytest.mark.parametrize("name", ["resnext11_2x10d", "shufflenet_g3_wd4"])
+def test_train_state_starts_from_the_values_of_a_plain_init(name):
+    """`create_train_state` compiles `model.init` with its own options; the values are those of `jit(model.init)`."""
+    model = create_model(name, num_classes=10)
+    tx, _ = train.create_optimizer(base_config().optim, 10, 100)
+    seed = int(np.random.default_rng().integers(2**16))
+    state = train.create_train_state(model, tx, (16, 16, 3), seed)
+    init_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
+    plain = jax.jit(model.init)(init_rng, jnp.zeros((1, 16, 16, 3)))
+    for got, want in zip(jax.tree.leaves((state.params, state.batch_stats)), jax.tree.leaves((plain["params"], plain["batch_stats"]))):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("devices", ["1", "-1"])  # -1: data parallel over the 8 simulated devices
