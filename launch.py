@@ -6,7 +6,8 @@
     python launch.py report WORKDIR                    # rebuild a sweep's report
     python launch.py analyze RUN_DIR                   # filter correlations, kernel views, compute of one run
 On a multi-process platform (TPU pod, multi-host GPU) add --multiprocess: `jax.distributed.initialize()` runs
-first and only process 0 writes logs and reports.
+first (from --coordinator_address/--num_processes/--process_id, the JAX_* variables, or the platform), only process
+0 writes logs and reports, and every process waits for the report before it exits.
 """
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     parser.add_argument("--config", default="experiments/default.py", help="PATH[:arg] of an experiment file")
     parser.add_argument("--workdir", default=None, help="default: runs/<experiment name>")
     parser.add_argument("--point", action="append", help="sweep point name or index (repeatable); default: all")
-    parser.add_argument("--multiprocess", action="store_true", help="call jax.distributed.initialize() first")
+    parser.add_argument("--multiprocess", action="store_true",
+                        help="join a multi-process run first (jax.distributed.initialize); see docs/scaling.md")
+    parser.add_argument("--coordinator_address", help="HOST:PORT of process 0 (default: $JAX_COORDINATOR_ADDRESS)")
+    parser.add_argument("--num_processes", help="number of processes (default: $JAX_NUM_PROCESSES)")
+    parser.add_argument("--process_id", help="this process's index, 0..num_processes-1 (default: $JAX_PROCESS_ID)")
     args, rest = parser.parse_known_args(argv)
     overrides = {}
     for item in rest:
@@ -58,8 +63,8 @@ def main(argv: list[str]) -> int:
     from gconv.config import expand_sweep, load_experiment
     from gconv.train import Stopped, preflight, train_and_evaluate
 
-    if args.multiprocess:
-        jax.distributed.initialize()
+    if args.multiprocess or args.coordinator_address or args.num_processes or args.process_id:
+        jax.distributed.initialize(**distributed_args(args, os.environ))
     config, sweep = load_experiment(args.config)
     runs = expand_sweep(config, sweep, overrides, args.point)
     for point, point_config in runs:  # every point's errors before any point trains
@@ -81,7 +86,41 @@ def main(argv: list[str]) -> int:
         path = report.write_report(workdir)
         print(report.report_table(report.load_summaries(workdir)))
         print(f"wrote {path}")
+    if jax.process_count() > 1:  # the others wait for the report, then all leave together
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("gconv: report written")
     return 0
+
+
+def distributed_args(args: argparse.Namespace, environ) -> dict:
+    """Arguments of `jax.distributed.initialize` from the flags, else `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`
+    and `JAX_PROCESS_ID`; none of them given: `{}`, leaving detection to JAX (TPU pods, SLURM, Open MPI)."""
+    values = {"coordinator_address": args.coordinator_address or environ.get("JAX_COORDINATOR_ADDRESS"),
+              "num_processes": args.num_processes or environ.get("JAX_NUM_PROCESSES"),
+              "process_id": args.process_id or environ.get("JAX_PROCESS_ID")}
+    given = {k: v for k, v in values.items() if v not in (None, "")}
+    if not given:
+        return {}
+    missing = [k for k in values if k not in given]
+    if missing:
+        raise ValueError(f"multi-process launch: {', '.join(missing)} not given (with {', '.join(given)} set): pass "
+                         f"--coordinator_address=HOST:PORT --num_processes=N --process_id=I, or set "
+                         f"JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or none of them on a "
+                         f"platform JAX detects (TPU pod, SLURM, Open MPI).")
+    host, _, port = given["coordinator_address"].rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"coordinator_address={given['coordinator_address']!r} is not HOST:PORT "
+                         f"(e.g. --coordinator_address=10.0.0.2:1234).")
+    try:
+        count, index = int(given["num_processes"]), int(given["process_id"])
+    except ValueError:
+        raise ValueError(f"num_processes={given['num_processes']!r} and process_id={given['process_id']!r} must be "
+                         f"integers (e.g. --num_processes=2 --process_id=0).") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"process_id={index} with num_processes={count}: need num_processes >= 1 and "
+                         f"0 <= process_id < num_processes.")
+    return {"coordinator_address": given["coordinator_address"], "num_processes": count, "process_id": index}
 
 
 def run(argv: list[str]) -> int:

@@ -2,10 +2,9 @@
 run what its groups learned (`analyze_run`, from its last checkpoint)."""
 from __future__ import annotations
 
-import json
+import io
 import math
 import re
-import io
 from typing import Any
 
 import numpy as np
@@ -113,7 +112,6 @@ def analyze_run(run_dir: Any, num_images: int = 128) -> dict[str, Any]:
 def _analyze_run(run_dir: epath.Path, num_images: int) -> dict[str, Any]:
     import jax
     import ml_collections
-    import orbax.checkpoint as ocp
 
     from gconv import analysis, data
     from gconv.train import build_model
@@ -127,9 +125,8 @@ def _analyze_run(run_dir: epath.Path, num_images: int) -> dict[str, Any]:
     source, info = data.get_source(config.data, "eval")
     batch = next(data.eval_batches(source, info, min(num_images, len(source))))["image"]
     model = build_model(config, info.num_classes)
-    checkpointer = ocp.StandardCheckpointer()
     _, restored = rundir.restore_newest_readable(
-        ckpt_dir, lambda step: checkpointer.restore(ckpt_dir / str(step) / "default"), steps)
+        ckpt_dir, lambda step: rundir.restore_on_host(ckpt_dir / str(step) / "default"), steps)
     variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
     out_dir = run_dir / "analysis"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 from etils import epath
 
 __all__ = ["as_path", "to_json", "write_text", "write_json", "read_json", "read_jsonl", "MetricsLog", "RunLock",
-           "RunDirError", "readable_checkpoint_steps", "restore_newest_readable"]
+           "RunDirError", "readable_checkpoint_steps", "restore_newest_readable", "restore_on_host"]
 
 
 class RunDirError(Exception):
@@ -214,3 +214,17 @@ def restore_newest_readable(ckpt_dir: epath.Path, restore: Callable[[int], Any],
         raise RunDirError(f"none of the checkpoints in {ckpt_dir} (steps {sorted(failures)}) can be read: move the "
                           f"folder away to start the run afresh.")
     return None, None
+
+
+def restore_on_host(item_dir: epath.Path) -> Any:
+    """A saved state (`CKPT_DIR/STEP/default`) as host numpy arrays, read by this process alone: no barrier with the
+    other processes of a multi-process run, whatever mesh the state was saved from."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
+    tree = ocp.StandardCheckpointHandler().metadata(item_dir).tree
+    return checkpointer.restore(item_dir, jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree))
