@@ -125,15 +125,62 @@ def distributed_args(args: argparse.Namespace, environ) -> dict:
 
 def run(argv: list[str]) -> int:
     """`main`, with every anticipated failure (bad config or value, missing data, a busy or damaged run directory,
-    a NaN loss) as one `error: ...` line on stderr and exit code 2 instead of a traceback."""
+    a NaN loss) as one `error: ...` line on stderr and exit code 2 instead of a traceback. In a multi-process run,
+    any failure of one process ends every process at once, each naming the process that failed first."""
     from gconv.rundir import RunDirError
 
     try:
         return main(argv)
     except (KeyError, ValueError, FileNotFoundError, FloatingPointError, ImportError, RunDirError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        if _multiprocess():
+            _leave_together(f"{message}", 2)
         print(f"error: {message}", file=sys.stderr, flush=True)
         return 2
+    except Exception as e:
+        if not _multiprocess():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        _leave_together(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", 1)
+
+
+def _multiprocess() -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def _leave_together(message: str, code: int) -> None:
+    """Ends this process of a multi-process run at once, with one line naming the process that failed first.
+
+    The failure is announced through the coordination service's key-value store; a process whose collective broke
+    because another one left reads who it was. Exiting at once (without JAX's shutdown barrier) breaks the others'
+    collectives in turn, instead of leaving them to a heartbeat timeout.
+    """
+    import jax
+    from jax._src import distributed
+
+    me, client = jax.process_index(), distributed.global_state.client
+    failed, coordinator_gone = {}, False
+    try:
+        failed = {int(k.rsplit("/", 1)[1]): v for k, v in client.key_value_dir_get("gconv/failed/")}
+        if not failed:
+            client.key_value_set(f"gconv/failed/{me}", message)
+    except Exception:  # the coordination service left with process 0
+        coordinator_gone = True
+    first = min(failed) if failed else me
+    if coordinator_gone and me != 0:
+        line = f"error: process {me} of {jax.process_count()} stops because process 0 (the coordinator) is gone: " \
+               f"see its log. Here: {message}"
+    elif first == me:
+        line = f"error: process {me} of {jax.process_count()} failed first (no other process reported an error): " \
+               f"{message}"
+    else:
+        line = f"error: process {me} of {jax.process_count()} stops because process {first} failed: {failed[first]}"
+    print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.model = ml_collections.ConfigDict(dict(name="resnext11_1x16d", dtype="float32"))
     config.data = ml_collections.ConfigDict(dict(
-        name="digits", data_dir="", batch_size=64, eval_batch_size=256, augment=True, image_size=32, num_classes=10))
+        name="digits", data_dir="", batch_size=64, eval_batch_size=256, augment=True, image_size=32, num_classes=10,
+        num_workers=-1))  # input threads per process; -1: every core of the host
     config.optim = ml_collections.ConfigDict(dict(
         name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine",
         warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1, label_smoothing=0.0))

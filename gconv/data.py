@@ -8,6 +8,7 @@ Batches are dicts of numpy arrays: `image: (B, H, W, C) float32`, `label: (B,) i
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Iterator, Sequence
 
 import grain
@@ -174,20 +175,41 @@ def _augmenter(info: DatasetInfo, train: bool, augment: bool) -> Callable[[dict,
     return fn
 
 
+def num_threads(num_workers: int) -> int:
+    """`data.num_workers`: a count, or -1 for every core this process may use."""
+    if num_workers == -1:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if num_workers < 1:
+        raise ValueError(f"data.num_workers={num_workers} must be >= 1, or -1 for every core of the host.")
+    return num_workers
+
+
 def train_batches(source: Sequence[dict], info: DatasetInfo, batch_size: int, *, seed: int, start_step: int = 0,
-                  augment: bool = True, num_threads: int = 2, prefetch: int = 4) -> Iterator[dict]:
-    """Endless training batches from batch `start_step` on: reshuffled each epoch, augmented, prefetched."""
+                  augment: bool = True, num_workers: int = 2, prefetch: int = 4, shard_index: int = 0,
+                  shard_count: int = 1) -> Iterator[dict]:
+    """Endless training batches from batch `start_step` on: reshuffled each epoch, augmented, prefetched, read by
+    `num_workers` threads (-1: every core).
+
+    `batch_size` is global. Of each global batch, shard `shard_index` of `shard_count` (a process's share in a
+    multi-process run) reads, decodes and augments only its rows `[shard_index * b, (shard_index + 1) * b)`,
+    `b = batch_size / shard_count`: the shards together are the one-process batch, example for example and
+    augmentation for augmentation.
+    """
     if batch_size > len(source):
         raise ValueError(f"batch_size={batch_size} is larger than the {len(source)} training examples.")
+    if batch_size % shard_count:
+        raise ValueError(f"batch_size={batch_size} is not divisible by the {shard_count} input shards (processes): "
+                         f"use a multiple of {shard_count}.")
     fn = _augmenter(info, train=True, augment=augment)
+    rows = batch_size // shard_count
     ds = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-          .random_map(fn, seed=seed + 1).batch(batch_size, drop_remainder=True))
-    ds = ds[start_step:]
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+          .random_map(fn, seed=seed + 1).batch(rows, drop_remainder=True))  # records' randomness: by global index
+    ds = ds[start_step * shard_count + shard_index::shard_count]
+    options = grain.ReadOptions(num_threads=num_threads(num_workers), prefetch_buffer_size=prefetch)
     return iter(ds.to_iter_dataset(options))
 
 
-def eval_batches(source: Sequence[dict], info: DatasetInfo, batch_size: int, num_threads: int = 2) -> Iterator[dict]:
+def eval_batches(source: Sequence[dict], info: DatasetInfo, batch_size: int, num_workers: int = 2) -> Iterator[dict]:
     """One pass over `source` in order; the last batch is padded to `batch_size` with `mask=False` rows."""
     fn = _augmenter(info, train=False, augment=False)
     pad = -len(source) % batch_size
@@ -199,4 +221,4 @@ def eval_batches(source: Sequence[dict], info: DatasetInfo, batch_size: int, num
         return {**blank, "mask": np.bool_(False)}
 
     ds = grain.MapDataset.range(len(source) + pad).map(load).batch(batch_size)
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)))
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads(num_workers), prefetch_buffer_size=2)))

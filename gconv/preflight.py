@@ -48,6 +48,7 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         if not math.isfinite(value) or value < 0 or (key == "learning_rate" and value == 0):
             raise ValueError(f"optim.{key}={value} must be a finite number >= 0"
                              f"{' and > 0' if key == 'learning_rate' else ''}.")
+    data_lib.num_threads(config.data.num_workers)
     if config.data.name not in data_lib.DATASETS:
         raise ValueError(f"data.name={config.data.name!r} is not known: use one of {data_lib.DATASETS}.")
 

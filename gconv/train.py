@@ -183,14 +183,19 @@ def _check_config(run_dir: Any, config: ml_collections.ConfigDict) -> dict:
 
 
 class _StopFlag:
-    """Set by SIGTERM (preemption) or SIGINT: the loop saves a checkpoint and stops. A second SIGINT interrupts."""
+    """Set by SIGTERM (preemption) or SIGINT: the loop saves a checkpoint and stops. A second SIGINT interrupts.
 
-    def __init__(self):
-        self.signum = None
+    In a multi-process run SIGTERM is left to JAX's preemption service: whichever process receives it, every process
+    reaches the same sync step (`multihost_utils.reached_preemption_sync_point`, polled every step), saves it and
+    stops. SIGINT there keeps its default (it reaches one process only, and saving is collective).
+    """
+
+    def __init__(self, multiprocess: bool = False):
+        self.signum, self.multiprocess = None, multiprocess
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in () if self.multiprocess else (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: no signal handling
@@ -201,6 +206,15 @@ class _StopFlag:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+
+    def poll(self, step: int) -> int | None:
+        """The signal to stop for after training step `step` (every process calls it at every step), or None."""
+        if self.multiprocess and self.signum is None:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signum = signal.SIGTERM
+        return self.signum
 
     def __exit__(self, *exc):
         for sig, previous in self._previous.items():
@@ -232,11 +246,22 @@ def _init_from_torch(state: TrainState, tx: optax.GradientTransformation, config
                          opt_state=tx.init(variables["params"]))
 
 
+def _input_shard(mesh) -> dict:
+    """`{shard_index, shard_count}` of this process's rows of each global batch: the block of the mesh's `data` axis
+    that its devices hold (all of it when the `model` axis, not `data`, spans the processes)."""
+    mine = sorted({i for i, row in enumerate(mesh.devices) for d in row if d.process_index == jax.process_index()})
+    if not mine or mine != list(range(mine[0], mine[0] + len(mine))) or mine[0] % len(mine):
+        raise ValueError(f"process {jax.process_index()} holds the data-axis positions {mine} of the mesh: each "
+                         f"process must hold one aligned block of it (order devices by process).")
+    return {"shard_index": mine[0] // len(mine), "shard_count": mesh.shape[parallel.DATA] // len(mine)}
+
+
 def _place(batch: dict, mesh) -> dict:
-    """This process's rows of a global host batch, as arrays split over the mesh's `data` axis."""
-    per_process = len(batch["label"]) // jax.process_count()
-    start = jax.process_index() * per_process
-    return parallel.shard_batch(jax.tree.map(lambda x: x[start:start + per_process], batch), mesh)
+    """This process's rows of a global host batch (evaluation), as arrays split over the mesh's `data` axis."""
+    shard = _input_shard(mesh)
+    rows = len(batch["label"]) // shard["shard_count"]
+    start = shard["shard_index"] * rows
+    return parallel.shard_batch(jax.tree.map(lambda x: x[start:start + rows], batch), mesh)
 
 
 def run_name(config: ml_collections.ConfigDict, model: nn.Module) -> str:
@@ -332,11 +357,14 @@ def _train(config: ml_collections.ConfigDict, config_json: dict, run_dir: Any,
         train_fn = parallel.shard_step(step_fn, mesh, specs)
         eval_fn = parallel.shard_step(eval_fn, mesh, specs, returns_state=False, donate=False)
         place = functools.partial(_place, mesh=mesh)
-    batches = map(place, data_lib.train_batches(train_source, info, batch_size, seed=config.seed,
-                                                start_step=start_step, augment=config.data.augment))
+    train_place = (lambda b: parallel.shard_batch(b, mesh)) if distributed and config.parallel != "pmap" else place
+    batches = map(train_place, data_lib.train_batches(  # this process's rows only
+        train_source, info, batch_size, seed=config.seed, start_step=start_step, augment=config.data.augment,
+        num_workers=config.data.num_workers, **_input_shard(mesh)))
 
     def run_eval(step: int) -> dict:
-        eval_batches = data_lib.eval_batches(eval_source, info, config.data.eval_batch_size)
+        eval_batches = data_lib.eval_batches(eval_source, info, config.data.eval_batch_size,
+                                             config.data.num_workers)
         metrics = evaluate(eval_fn, state, map(place, eval_batches))
         log.write({"step": step, **metrics})
         return metrics
@@ -351,7 +379,7 @@ def _train(config: ml_collections.ConfigDict, config_json: dict, run_dir: Any,
     interval_steps, first_interval, throughput = 0, True, []
     bar = tqdm(total=total_steps, initial=start_step, disable=not (is_main and sys.stderr.isatty()),
                desc=run_dir.name, unit="step", dynamic_ncols=True)
-    with _StopFlag() as stop:
+    with _StopFlag(multiprocess=jax.process_count() > 1) as stop:
         for step in range(start_step, total_steps):
             state, metrics = train_fn(state, next(batches))
             pending.append((step, metrics))
@@ -359,7 +387,7 @@ def _train(config: ml_collections.ConfigDict, config_json: dict, run_dir: Any,
                 lock.beat()
             interval_steps += 1
             done = step + 1
-            stopping = stop.signum  # read once: a signal landing mid-iteration is handled at the next step
+            stopping = stop.poll(done)  # read once: a signal landing mid-iteration is handled at the next step
             is_log = done % config.log_every_steps == 0 or done == total_steps
             is_ckpt = done % config.checkpoint_every_steps == 0 or done == total_steps or stopping
             if is_log or is_ckpt:

@@ -36,6 +36,24 @@ def test_train_batches_are_a_function_of_seed_and_step():
     assert not np.array_equal(other["label"], first[0]["label"])
 
 
+@pytest.mark.parametrize("processes", [2, 4])
+def test_each_process_reads_its_rows_of_the_one_process_batch(processes):
+    source, info = data.get_source(_cfg(), "train")
+    seed, start = int(np.random.default_rng().integers(100)), 20  # batches 20-24 cross an epoch boundary
+    whole = data.train_batches(source, info, 64, seed=seed, start_step=start)
+    parts = [data.train_batches(source, info, 64, seed=seed, start_step=start, shard_index=p,
+                                shard_count=processes, num_workers=1) for p in range(processes)]
+    for _ in range(5):
+        want, got = next(whole), [next(part) for part in parts]
+        assert got[0]["image"].shape == (64 // processes, 8, 8, 1)
+        for key in ("image", "label"):  # the same examples, the same augmentation, in the same order
+            np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key])
+    with pytest.raises(ValueError, match="batch_size=64 is not divisible by the 3 input shards"):
+        data.train_batches(source, info, 64, seed=0, shard_count=3)
+    with pytest.raises(ValueError, match="data.num_workers=0 must be >= 1, or -1"):
+        data.train_batches(source, info, 64, seed=0, num_workers=0)
+
+
 def test_eval_batches_cover_every_example_once_with_padding_masked():
     source, info = data.get_source(_cfg(), "eval")
     batches = list(data.eval_batches(source, info, 100))

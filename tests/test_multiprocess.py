@@ -2,13 +2,15 @@
 2 processes x 4 devices train the default experiment's `:local` point as 1 process x 8 devices does, and finish
 together."""
 import json
+import re
+import signal
 import socket
 
 import numpy as np
 import pytest
 
 from gconv.train import read_metrics
-from launcher import launch, start
+from launcher import has_content, launch, start, strip_timing, wait_until
 
 RUN = ["--config", "experiments/default.py:local", "--point", "c2", "--config.mesh.data=-1", "--config.num_steps=6",
        "--config.log_every_steps=2"]
@@ -20,27 +22,73 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_as_one_and_exit_together(tmp_path):
+def _two_processes(workdir, *args):
+    """The same run in 2 processes x 4 devices: process 0 told by flags, process 1 by the JAX_* variables."""
     port = _free_port()
     four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    first = start(*RUN, "--workdir", str(tmp_path / "two"), f"--coordinator_address=localhost:{port}",
-                  "--num_processes=2", "--process_id=0", env=four)
-    second = start(*RUN, "--workdir", str(tmp_path / "two"), "--multiprocess",  # the same, from the environment
+    first = start(*args, "--workdir", str(workdir), f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                  "--process_id=0", env=four)
+    second = start(*args, "--workdir", str(workdir), "--multiprocess",
                    env={**four, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
                         "JAX_PROCESS_ID": "1"})
-    outs = [proc.communicate(timeout=400)[0] for proc in (first, second)]
-    for i, (proc, out) in enumerate(zip((first, second), outs)):
+    return first, second
+
+
+def _assert_close(one, two):
+    """Metrics of two runs: the same records; values equal up to the order of gloo's all-reduce sums."""
+    assert strip_timing(one) and [sorted(r) for r in strip_timing(one)] == [sorted(r) for r in strip_timing(two)]
+    for a, b in zip(strip_timing(one), strip_timing(two)):
+        for key in a:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=f"step {a['step']} {key}")
+
+
+def test_two_processes_train_as_one_and_exit_together(tmp_path):
+    procs = _two_processes(tmp_path / "two", *RUN)
+    outs = [proc.communicate(timeout=400)[0] for proc in procs]
+    for i, (proc, out) in enumerate(zip(procs, outs)):
         assert proc.returncode == 0, f"process {i}:\n{out}"
         assert "error" not in out.lower().replace("top-1 error", ""), f"process {i}:\n{out}"
     assert "wrote" in outs[0] and (tmp_path / "two" / "report.md").exists()
     launch(*RUN, "--workdir", str(tmp_path / "one"))  # 1 process x 8 devices (the suite's XLA_FLAGS)
     one, two = (read_metrics(tmp_path / w / "c2" / "metrics.jsonl") for w in ("one", "two"))
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [2, 4, 6, 6]
-    for a, b in zip(one, two):  # the same global batches; gloo's all-reduce sums in another order
-        for key in a.keys() - {"img_per_sec", "wall_time"}:
-            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=key)
+    assert [r["step"] for r in one] == [2, 4, 6, 6]
+    _assert_close(one, two)
     summaries = [json.loads((tmp_path / w / "c2" / "summary.json").read_text()) for w in ("one", "two")]
     assert summaries[0]["final_top1_error"] == summaries[1]["final_top1_error"]
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_the_relaunch_resumes(tmp_path):
+    args = [*RUN[:-2], "--config.num_steps=40", "--config.log_every_steps=2", "--config.checkpoint_every_steps=1000",
+            "--config.eval_every_steps=1000"]
+    procs = _two_processes(tmp_path / "stopped", *args)
+    wait_until(lambda: has_content(tmp_path / "stopped" / "c2" / "metrics.jsonl"), procs[0], "the first metrics")
+    procs[1].send_signal(signal.SIGTERM)  # the preemption notice reaches one host
+    outs = [proc.communicate(timeout=300)[0] for proc in procs]
+    saved = []
+    for i, (proc, out) in enumerate(zip(procs, outs)):
+        assert proc.returncode == 143, f"process {i}:\n{out}"
+        saved.append(int(re.search(r"SIGTERM: saved checkpoint at step (\d+)", out).group(1)))
+    assert saved[0] == saved[1] < 40
+    procs = _two_processes(tmp_path / "stopped", *args)
+    outs = [proc.communicate(timeout=400)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    assert f"c2: resuming at step {saved[0]}" in outs[0]
+    procs = _two_processes(tmp_path / "straight", *args)
+    assert [proc.communicate(timeout=400) and proc.returncode for proc in procs] == [0, 0]
+    stopped, straight = (read_metrics(tmp_path / w / "c2" / "metrics.jsonl") for w in ("stopped", "straight"))
+    assert strip_timing(stopped) == strip_timing(straight)
+
+
+def test_a_failure_in_one_process_ends_both_naming_it(tmp_path):
+    port = _free_port()
+    four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    common = [*RUN, "--workdir", str(tmp_path), f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+    first = start(*common, "--process_id=0", env=four)
+    second = launch(*common, "--process_id=1", "--config.log_every_steps=0", env=four, check=False, timeout=300)
+    out, _ = first.communicate(timeout=300)  # not a hang: its first collective breaks, and it reads who failed
+    assert second.returncode == 2 and "error: process 1 of 2 failed first" in second.stderr, second.stderr
+    assert first.returncode == 1, out
+    assert "error: process 0 of 2 stops because process 1 failed: sweep point 'c2': log_every_steps=0" in out
 
 
 @pytest.mark.parametrize("args,env,message", [
@@ -58,3 +106,16 @@ def test_bad_multiprocess_settings_stop_in_one_line(cli, monkeypatch, capsys, tm
     assert cli(*RUN, "--workdir", str(tmp_path / "w"), *args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+def test_groups_split_across_the_two_processes(tmp_path):
+    """Group parallel whose `model` axis spans both processes (data=1, model=8): each process reads the whole batch
+    and holds one group of each grouped layer; the metrics are those of one process with the same mesh."""
+    args = ["--config", "experiments/default.py:local", "--point", "c8", "--config.mesh.data=1",
+            "--config.mesh.model=8", "--config.num_steps=4", "--config.log_every_steps=2"]
+    procs = _two_processes(tmp_path / "two", *args)
+    outs = [proc.communicate(timeout=400)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    launch(*args, "--workdir", str(tmp_path / "one"))
+    _assert_close(read_metrics(tmp_path / "one" / "c8" / "metrics.jsonl"),
+                  read_metrics(tmp_path / "two" / "c8" / "metrics.jsonl"))
