@@ -1,6 +1,7 @@
 """Running `launch.py` in a subprocess, as a user does: the tiny default configuration and helpers to start, wait
 for, and compare runs."""
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -47,3 +48,10 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 def strip_timing(records: list[dict]) -> list[dict]:
     """Metrics records without the fields that measure time."""
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,27 +4,21 @@ together."""
 import json
 import re
 import signal
-import socket
 
 import numpy as np
 import pytest
 
 from gconv.train import read_metrics
-from launcher import has_content, launch, start, strip_timing, wait_until
+from launcher import free_port, has_content, launch, start, strip_timing, wait_until
 
 RUN = ["--config", "experiments/default.py:local", "--point", "c2", "--config.mesh.data=-1", "--config.num_steps=6",
        "--config.log_every_steps=2"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _two_processes(workdir, *args):
     """The same run in 2 processes x 4 devices: process 0 told by flags, process 1 by the JAX_* variables."""
-    port = _free_port()
+    port = free_port()
     four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     first = start(*args, "--workdir", str(workdir), f"--coordinator_address=localhost:{port}", "--num_processes=2",
                   "--process_id=0", env=four)
@@ -80,7 +74,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_relaunch_resumes(
 
 
 def test_a_failure_in_one_process_ends_both_naming_it(tmp_path):
-    port = _free_port()
+    port = free_port()
     four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     common = [*RUN, "--workdir", str(tmp_path), f"--coordinator_address=localhost:{port}", "--num_processes=2"]
     first = start(*common, "--process_id=0", env=four)

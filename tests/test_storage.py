@@ -4,7 +4,6 @@ import importlib.util
 import json
 import platform
 import signal
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import ROOT, TINY, launch, start, wait_until
+from launcher import ROOT, TINY, free_port, launch, start, wait_until
 
 BUCKET = "gconv-test"
 
@@ -27,17 +26,12 @@ def _binary() -> Path:
             f"fake-gcs-server-{platform.system().lower()}-{arch}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     """A fake-gcs-server on a free port with one bucket; yields the environment that points gcsfs (epath) and
     tensorstore (orbax) at it."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path_factory.mktemp("gcs") / "server.log").open("w")
     server = subprocess.Popen([str(_binary()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
