@@ -152,7 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim = ml_collections.ConfigDict(dict(
         name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine",
         warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1, label_smoothing=0.0))
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))  # -1: all remaining devices
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, layout="data_major"))  # -1: all remaining devices
     config.parallel = "shard_map"  # or "pmap", the same data-parallel step
     config.num_epochs = 30.0
     config.num_steps = -1  # > 0 overrides num_epochs

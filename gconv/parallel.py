@@ -31,8 +31,14 @@ DATA, MODEL = "data", "model"
 
 def make_mesh(mesh_config: Any, devices: list | None = None) -> Mesh:
     """A `(data, model)` mesh over the first `data * model` devices; `-1` takes all remaining devices
-    (`data=-1, model=1` = pure data parallel over every device, `data=1, model=1` = one device)."""
+    (`data=-1, model=1` = pure data parallel over every device, `data=1, model=1` = one device).
+
+    `mesh_config.get("layout")`: "data_major" (default: neighbouring devices, e.g. one host's, share a `model`
+    group) or "model_major" (a `model` group takes every `data`-th device: across hosts)."""
     devices = list(devices if devices is not None else jax.devices())
+    layout = mesh_config.get("layout", "data_major")
+    if layout not in ("data_major", "model_major"):
+        raise ValueError(f"mesh.layout={layout!r} is not known: use 'data_major' or 'model_major'.")
     sizes = {DATA: int(mesh_config[DATA]), MODEL: int(mesh_config[MODEL])}
     free = [k for k, v in sizes.items() if v == -1]
     if len(free) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
@@ -46,7 +52,10 @@ def make_mesh(mesh_config: Any, devices: list | None = None) -> Mesh:
     if needed > len(devices):
         raise ValueError(f"mesh data={sizes[DATA]} x model={sizes[MODEL]} needs {needed} devices, but only "
                          f"{len(devices)} are present: use -1 for one axis or sizes whose product is <= {len(devices)}.")
-    return Mesh(np.asarray(devices[:needed]).reshape(sizes[DATA], sizes[MODEL]), (DATA, MODEL))
+    grid = np.asarray(devices[:needed])
+    grid = grid.reshape(sizes[DATA], sizes[MODEL]) if layout == "data_major" else grid.reshape(
+        sizes[MODEL], sizes[DATA]).T
+    return Mesh(grid, (DATA, MODEL))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -166,6 +166,15 @@ def read_metrics(path: Any) -> list[dict]:
     return rundir.read_jsonl(rundir.as_path(path))
 
 
+_PLACEMENT = ("mesh", "parallel")  # where a run executes, not what it computes: free to change on resume
+
+
+def _what(config_json: dict) -> dict:
+    """A config without the keys that do not change results (input threads)."""
+    data = {k: v for k, v in config_json.get("data", {}).items() if k != "num_workers"}
+    return {**config_json, "data": data}
+
+
 def _check_config(run_dir: Any, config: ml_collections.ConfigDict) -> dict:
     """The config as JSON; refuses a run directory whose training was done with a different configuration. A
     `config.json` left by a start that trained nothing (no checkpoint, no metrics) does not block."""
@@ -173,8 +182,8 @@ def _check_config(run_dir: Any, config: ml_collections.ConfigDict) -> dict:
     path = run_dir / "config.json"
     if path.exists():
         old = rundir.read_json(path)
-        placement = ("mesh", "parallel")  # where the run executes, not what it computes: free to change on resume
-        differing = sorted(k for k in set(old) | set(new) if k not in placement and old.get(k) != new.get(k))
+        differing = sorted(k for k in set(old) | set(new) if k not in _PLACEMENT and
+                           _what(old).get(k) != _what(new).get(k))
         trained = rundir.readable_checkpoint_steps(run_dir / "checkpoints") or (run_dir / "metrics.jsonl").exists()
         if differing and trained:
             raise ValueError(f"{run_dir} holds a run with a different config (top-level keys differing: {differing}). "

@@ -33,7 +33,10 @@ def _assert_close(one, two):
     assert strip_timing(one) and [sorted(r) for r in strip_timing(one)] == [sorted(r) for r in strip_timing(two)]
     for a, b in zip(strip_timing(one), strip_timing(two)):
         for key in a:
-            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=f"step {a['step']} {key}")
+            if "top1_error" in key:  # a borderline image may flip: at most one of digits' 360 eval images
+                assert abs(b[key] - a[key]) <= 100 / 360 + 1e-9, (a, b)
+            else:
+                np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=f"step {a['step']} {key}")
 
 
 def test_two_processes_train_as_one_and_exit_together(tmp_path):
@@ -103,13 +106,15 @@ def test_bad_multiprocess_settings_stop_in_one_line(cli, monkeypatch, capsys, tm
 
 
 def test_groups_split_across_the_two_processes(tmp_path):
-    """Group parallel whose `model` axis spans both processes (data=1, model=8): each process reads the whole batch
-    and holds one group of each grouped layer; the metrics are those of one process with the same mesh."""
-    args = ["--config", "experiments/default.py:local", "--point", "c8", "--config.mesh.data=1",
-            "--config.mesh.model=8", "--config.num_steps=4", "--config.log_every_steps=2"]
+    """Group parallel on a data=4, model=2 mesh whose `model` axis spans the two processes (`model_major`): each
+    process holds one half of every group pair and reads the whole batch; the metrics are those of one process with
+    the same mesh."""
+    args = ["--config", "experiments/default.py:local", "--point", "c4", "--config.mesh.data=4",
+            "--config.mesh.model=2", "--config.mesh.layout=model_major", "--config.num_steps=4",
+            "--config.log_every_steps=2"]
     procs = _two_processes(tmp_path / "two", *args)
     outs = [proc.communicate(timeout=400)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outs
     launch(*args, "--workdir", str(tmp_path / "one"))
-    _assert_close(read_metrics(tmp_path / "one" / "c8" / "metrics.jsonl"),
-                  read_metrics(tmp_path / "two" / "c8" / "metrics.jsonl"))
+    _assert_close(read_metrics(tmp_path / "one" / "c4" / "metrics.jsonl"),
+                  read_metrics(tmp_path / "two" / "c4" / "metrics.jsonl"))

@@ -44,6 +44,12 @@ def test_make_mesh():
         parallel.make_mesh({"data": 8, "model": 2})
     with pytest.raises(ValueError, match="not divisible by 3"):
         parallel.make_mesh({"data": -1, "model": 3})
+    ids = lambda mesh: [[d.id for d in row] for row in mesh.devices]  # noqa: E731
+    assert ids(parallel.make_mesh({"data": 4, "model": 2})) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert ids(parallel.make_mesh({"data": 4, "model": 2, "layout": "model_major"})) == [[0, 4], [1, 5], [2, 6],
+                                                                                           [3, 7]]
+    with pytest.raises(ValueError, match="mesh.layout='rows' is not known"):
+        parallel.make_mesh({"data": 4, "model": 2, "layout": "rows"})
     with pytest.raises(ValueError, match="at most one -1"):
         parallel.make_mesh({"data": -1, "model": -1})
     with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices"):

@@ -91,6 +91,17 @@ def test_relaunch_with_another_config_refuses_before_touching_the_run(tmp_path):
     assert (tmp_path / "c2" / "metrics.jsonl").read_text() == before
 
 
+def test_resume_may_change_where_and_how_fast_but_not_what(tmp_path):
+    config = base_config()
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)  # a run that trained
+    (tmp_path / "config.json").write_text(json.dumps(train._check_config(tmp_path, config)))
+    config.data.num_workers, config.mesh.data, config.parallel = 1, 8, "pmap"
+    train._check_config(tmp_path, config)  # input threads and placement: accepted
+    config.data.batch_size = 32
+    with pytest.raises(ValueError, match=r"top-level keys differing: \['data'\]"):
+        train._check_config(tmp_path, config)
+
+
 def test_unknown_override_on_the_command_line(tmp_path):
     proc = launch(*TINY, "--workdir", str(tmp_path), "--config.model.cardinalty=4", check=False)
     assert proc.returncode != 0
