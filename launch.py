@@ -64,7 +64,14 @@ def main(argv: list[str]) -> int:
     from gconv.train import Stopped, preflight, train_and_evaluate
 
     if args.multiprocess or args.coordinator_address or args.num_processes or args.process_id:
-        jax.distributed.initialize(**distributed_args(args, os.environ))
+        given = distributed_args(args, os.environ)
+        try:
+            jax.distributed.initialize(**given)
+        except (ValueError, RuntimeError) as e:
+            if given:
+                raise
+            raise ValueError(f"--multiprocess: JAX found no cluster to join ({str(e).strip()[:200]}): pass "
+                             f"--coordinator_address=HOST:PORT --num_processes=N --process_id=I.") from e
     config, sweep = load_experiment(args.config)
     runs = expand_sweep(config, sweep, overrides, args.point)
     for point, point_config in runs:  # every point's errors before any point trains

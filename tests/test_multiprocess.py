@@ -118,3 +118,10 @@ def test_groups_split_across_the_two_processes(tmp_path):
     launch(*args, "--workdir", str(tmp_path / "one"))
     _assert_close(read_metrics(tmp_path / "one" / "c4" / "metrics.jsonl"),
                   read_metrics(tmp_path / "two" / "c4" / "metrics.jsonl"))
+
+
+def test_multiprocess_with_no_cluster_says_what_to_pass(tmp_path):
+    env = {k: "" for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+    proc = launch(*RUN, "--workdir", str(tmp_path / "w"), "--multiprocess", env=env, check=False, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --multiprocess: JAX found no cluster"), proc.stderr
+    assert "--coordinator_address=HOST:PORT" in proc.stderr and not (tmp_path / "w").exists()
