@@ -33,7 +33,7 @@ def conv_cases(draw):
                 strides=strides, dilation=dilation, padding=padding, seed=draw(st.integers(0, 2**16)))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(conv_cases())
 def test_grouped_conv_matches_reference(case):
     x = _rand(case["seed"], (2,) + case["spatial"] + (case["c_in"],))
