@@ -5,6 +5,8 @@
     python launch.py --point c4 --config.optim.learning_rate=0.05
     python launch.py report WORKDIR                    # rebuild a sweep's report
     python launch.py analyze RUN_DIR                   # filter correlations, kernel views, compute of one run
+    python launch.py eval RUN_DIR --checkpoint best    # top-1/top-5 error and loss of a run's checkpoint
+    python launch.py eval WEIGHTS.pth --model resnext50_32x4d --config EXP.py   # a PyTorch file on EXP's data
 On a multi-process platform (TPU pod, multi-host GPU) add --multiprocess: `jax.distributed.initialize()` runs
 first (from --coordinator_address/--num_processes/--process_id, the JAX_* variables, or the platform), only process
 0 writes logs and reports, and every process waits for the report before it exits.
@@ -18,8 +20,12 @@ import sys
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="train", choices=["train", "report", "analyze"])
-    parser.add_argument("target", nargs="?", help="WORKDIR for `report`, RUN_DIR (WORKDIR/POINT) for `analyze`")
+    parser.add_argument("command", nargs="?", default="train", choices=["train", "report", "analyze", "eval"])
+    parser.add_argument("target", nargs="?", help="WORKDIR for `report`, RUN_DIR (WORKDIR/POINT) for `analyze`; "
+                                                  "RUN_DIR or a .pth/.safetensors file for `eval`")
+    parser.add_argument("--checkpoint", default="latest", help="eval/analyze: latest, best, or a step")
+    parser.add_argument("--split", default="eval", choices=["eval", "train"], help="eval: the dataset split")
+    parser.add_argument("--model", help="eval of a weights file: the registry name of its model")
     parser.add_argument("--config", default="experiments/default.py", help="PATH[:arg] of an experiment file")
     parser.add_argument("--workdir", default=None, help="default: runs/<experiment name>")
     parser.add_argument("--point", action="append", help="sweep point name or index (repeatable); default: all")
@@ -42,10 +48,12 @@ def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     from gconv import report
 
-    if args.command in ("report", "analyze") and not args.target:
+    if args.command in ("report", "analyze", "eval") and not args.target:
         raise SystemExit(f"usage: python launch.py {args.command} {'WORKDIR' if args.command == 'report' else 'RUN_DIR'}")
+    if args.command == "eval":
+        return evaluate(args, overrides)
     if args.command == "analyze":
-        result = report.analyze_run(args.target)
+        result = report.analyze_run(args.target, checkpoint=args.checkpoint)
         for pair in result["pairs"]:
             print(f"{pair['layer_a']} -> {pair['layer_b']}: block-diagonality {pair['score']:.3f} "
                   f"(chance {1 / pair['groups']:.3f})")
@@ -53,15 +61,20 @@ def main(argv: list[str]) -> int:
         return 0
     if args.command == "report":
         path = report.write_report(args.target)
-        print(report.report_table(report.load_summaries(args.target)))
+        print(report.results(report.load_summaries(args.target)))
         print(f"wrote {path}")
         return 0
 
     import jax
 
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a sweep's seeds (and relaunches) reuse compiled steps
+        from gconv.rundir import cache_dir
+
+        jax.config.update("jax_compilation_cache_dir", cache_dir("xla"))
     from gconv import rundir
     from gconv.config import expand_sweep, load_experiment
-    from gconv.train import Stopped, preflight, train_and_evaluate
+    from gconv.preflight import preflight
+    from gconv.train import Stopped, train_and_evaluate
 
     if args.multiprocess or args.coordinator_address or args.num_processes or args.process_id:
         given = distributed_args(args, os.environ)
@@ -91,12 +104,33 @@ def main(argv: list[str]) -> int:
             return 128 + e.signum
     if jax.process_index() == 0:
         path = report.write_report(workdir)
-        print(report.report_table(report.load_summaries(workdir)))
+        print(report.results(report.load_summaries(workdir)))
         print(f"wrote {path}")
     if jax.process_count() > 1:  # the others wait for the report, then all leave together
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("gconv: report written")
+    return 0
+
+
+def evaluate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    """`launch.py eval`: a run directory's checkpoint with its own config, or a weights file on `--config`'s data."""
+    from gconv import evaluation
+
+    if os.path.isfile(args.target):
+        if not args.model:
+            raise ValueError(f"eval of the weights file {args.target}: name its model, e.g. --model resnext50_32x4d.")
+        from gconv.config import apply_overrides, load_experiment
+
+        config, _ = load_experiment(args.config)
+        config = apply_overrides(config.copy_and_resolve_references(), overrides)
+        result = evaluation.evaluate_weights(args.target, args.model, config.data, args.split)
+        what = f"{args.target} as {result['model']}"
+    else:
+        result = evaluation.evaluate_run(args.target, args.checkpoint, args.split)
+        what = f"{args.target} ({result['model']}, checkpoint {result['step']})"
+    print(f"{what} on the {result['split']} split ({result['images']} images): top-1 error "
+          f"{result['eval_top1_error']:.2f}%, top-5 error {result['eval_top5_error']:.2f}%, loss {result['eval_loss']:.4f}")
     return 0
 
 

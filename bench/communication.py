@@ -16,28 +16,26 @@ from __future__ import annotations
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from gconv.complexity import count_params
+from gconv.layers import record_calls
 from gconv.models import create_model
 
 BYTES = 4
 
 
-def _outputs(model: nn.Module, res: int) -> dict[str, tuple[int, ...]]:
+def _outputs(model, res: int) -> dict[str, tuple[int, ...]]:
     """Output shape (batch 1) of every submodule, by path."""
     shapes: dict[str, tuple[int, ...]] = {}
 
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and hasattr(out, "shape"):
-            shapes["/".join(context.module.scope.path)] = tuple(out.shape)
-        return out
+    def record(module, args, out):
+        if hasattr(out, "shape"):
+            shapes["/".join(module.scope.path)] = tuple(out.shape)
 
     def init():
-        with nn.intercept_methods(interceptor):
+        with record_calls(record):
             return model.init(jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)))
 
     variables = jax.eval_shape(init)

@@ -5,7 +5,7 @@
 import jax
 import jax.numpy as jnp
 
-from gconv.complexity import count_flops, count_params
+from gconv.complexity import count_macs, count_params
 from gconv.models import create_model, list_models
 
 
@@ -16,7 +16,7 @@ def main() -> None:
         model = create_model(name)
         res = 32 if name.startswith(("resnext11", "resnext29")) else 224
         params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3))))["params"]
-        print(f"| `{name}` | {res}x{res} | {count_params(params):,} | {count_flops(model, (res, res, 3)) / 1e6:,.1f} |")
+        print(f"| `{name}` | {res}x{res} | {count_params(params):,} | {count_macs(model, (res, res, 3)) / 1e6:,.1f} |")
 
 
 if __name__ == "__main__":

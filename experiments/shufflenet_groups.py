@@ -5,6 +5,8 @@ Recipe from the paper: SGD momentum 0.9, batch 1024, lr 0.5 decayed linearly to 
 decay 4e-5; here as epochs of ImageNet (1.28M images: 300k x 1024 / 1.28M = 240 epochs). Needs imagenet2012
 prepared through TFDS; `:imagenette` runs on the 10-class subset, `:local` in seconds on synthetic data.
 """
+import ml_collections
+
 from gconv.config import base_config, make_local
 
 GROUPS = (1, 2, 3, 4, 8)
@@ -20,9 +22,8 @@ VARIANTS = ("local", "imagenette")  # the :arg names this file takes
 
 def get_config(arg=None):
     config = base_config()
-    config.model.name = "shufflenet_g3_w1"
-    config.model.shuffle = True
-    config.model.dtype = "bfloat16"
+    config.model = ml_collections.ConfigDict(dict(name="shufflenet_v1", groups=3, width_multiplier=1.0, shuffle=True,
+                                                  dtype="bfloat16"))
     config.data.name = "imagenette" if arg == "imagenette" else "imagenet2012"
     config.data.batch_size = 1024
     config.data.image_size = 224
@@ -42,10 +43,11 @@ def get_config(arg=None):
 def get_sweep(arg=None):
     paper = arg != "imagenette"
     if arg == "local":
-        return [{"name": "g3_wd4", "model.name": "shufflenet_g3_wd4"},
-                {"name": "g3_wd4_noshuffle", "model.name": "shufflenet_g3_wd4", "model.shuffle": False}]
-    points = [{"name": f"g{g}_{w}", "model.name": f"shufflenet_g{g}_{w}",
+        return [{"name": "g3_wd4", "model.width_multiplier": 0.25},
+                {"name": "g3_wd4_noshuffle", "model.width_multiplier": 0.25, "model.shuffle": False}]
+    points = [{"name": f"g{g}_{w}", "model.groups": g, "model.width_multiplier": WIDTHS[w],
                "paper_top1_error": PAPER[w][g] if paper else -1.0} for w in WIDTHS for g in GROUPS]
-    points += [{"name": f"g{g}_{w}_noshuffle", "model.name": f"shufflenet_g{g}_{w}", "model.shuffle": False,
-                "paper_top1_error": e if paper else -1.0} for w in WIDTHS for g, e in PAPER_NO_SHUFFLE[w].items()]
+    points += [{"name": f"g{g}_{w}_noshuffle", "model.groups": g, "model.width_multiplier": WIDTHS[w],
+                "model.shuffle": False, "paper_top1_error": e if paper else -1.0}
+               for w in WIDTHS for g, e in PAPER_NO_SHUFFLE[w].items()]
     return points

@@ -8,28 +8,27 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gconv.complexity import breakdown
-from gconv.layers import GroupedConv
+from gconv.layers import GroupedConv, record_calls
+from gconv.models import family_of
 
-__all__ = ["layer_outputs", "filter_correlation", "filter_correlations", "block_diagonality", "kernel_views", "first_layer_view",
-           "default_layer_pairs", "compute_breakdown"]
+__all__ = ["layer_outputs", "filter_correlation", "filter_correlations", "block_diagonality", "kernel_views",
+           "first_layer_view", "default_layer_pairs", "compute_breakdown"]
 
 
-def _intercepted(model: nn.Module, variables: Any, batch: jax.Array, paths: Sequence[str], record) -> dict:
-    """Applies `model` in eval mode; `{path: record(module, output)}` for the modules at `paths`."""
+def _capture(model: nn.Module, variables: Any, batch: jax.Array, paths: Sequence[str]) -> dict[str, Any]:
+    """Applies `model` in eval mode; `{path: (output, groups)}` for the modules at `paths` (`groups` is 1 for
+    anything but a `GroupedConv`)."""
     found: dict[str, Any] = {}
 
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        path = "/".join(context.module.scope.path)
-        if context.method_name == "__call__" and path in paths:
-            found[path] = record(context.module, out)
-        return out
+    def record(module, args, out):
+        path = "/".join(module.scope.path)
+        if path in paths:
+            found[path] = (out, module.groups if isinstance(module, GroupedConv) else 1)
 
-    with nn.intercept_methods(interceptor):
+    with record_calls(record):
         model.apply(variables, batch, train=False)
     missing = [p for p in paths if p not in found]
     if missing:
@@ -42,19 +41,15 @@ def layer_outputs(model: nn.Module, variables: Any, batch: jax.Array, paths: Seq
     """Outputs of the modules at `paths` ("stage1/block0/conv_group") on `batch`, in eval mode (one compiled
     forward pass)."""
     paths = tuple(paths)
-    return jax.jit(lambda v, x: _intercepted(model, v, x, paths, lambda module, out: out))(variables, batch)
+    return jax.jit(lambda v, x: {p: out for p, (out, _) in _capture(model, v, x, paths).items()})(variables, batch)
 
 
 def _groups_of(model: nn.Module, variables: Any, batch: jax.Array, paths: Sequence[str]) -> dict[str, int]:
-    """`groups` of each module at `paths` (1 for anything but a `GroupedConv`), from a shape-only trace."""
-    found = {}
-
-    def record(module, out):
-        found[module.scope.path] = module.groups if isinstance(module, GroupedConv) else 1
-        return out
-
-    jax.eval_shape(lambda v, x: _intercepted(model, v, x, tuple(paths), record), variables, batch[:1])
-    return {"/".join(path): groups for path, groups in found.items()}
+    """`groups` of each module at `paths`, from a shape-only trace."""
+    groups = {}
+    jax.eval_shape(lambda v, x: groups.update({p: g for p, (_, g) in _capture(model, v, x, tuple(paths)).items()}),
+                   variables, batch[:1])
+    return groups
 
 
 def filter_correlations(model: nn.Module, variables: Any, batch: jax.Array,
@@ -101,7 +96,7 @@ def block_diagonality(corr: np.ndarray, groups: int) -> float:
     return float(inside / corr.sum())
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
+def _rescale_01(x: np.ndarray) -> np.ndarray:
     span = x.max() - x.min()
     return (x - x.min()) / span if span > 0 else np.zeros_like(x)
 
@@ -110,7 +105,7 @@ def kernel_views(kernel: Any, groups: int) -> list[np.ndarray]:
     """One grayscale image per group, in group order: `kernel: (kh, kw, C_in // groups, C_out)` -> images of shape
     `(C_out // groups * (kh + 1) - 1, C_in // groups * (kw + 1) - 1)`, a tile per (output, input) channel pair,
     scaled to [0, 1] over the whole kernel so groups compare."""
-    k = _normalize(np.asarray(kernel, np.float64))
+    k = _rescale_01(np.asarray(kernel, np.float64))
     kh, kw, cin, cout = k.shape
     if cout % groups:
         raise ValueError(f"C_out={cout} is not divisible by groups={groups}.")
@@ -134,20 +129,15 @@ def first_layer_view(kernel: Any, columns: int = 8) -> np.ndarray:
     image = np.ones((rows * (kh + 1) - 1, columns * (kw + 1) - 1, tiles.shape[2]))
     for o in range(cout):
         r, c = divmod(o, columns)
-        image[r * (kh + 1):r * (kh + 1) + kh, c * (kw + 1):c * (kw + 1) + kw] = _normalize(tiles[..., o])
+        image[r * (kh + 1):r * (kh + 1) + kh, c * (kw + 1):c * (kw + 1) + kw] = _rescale_01(tiles[..., o])
     return image if cin == 3 else image[..., 0]
 
 
 def default_layer_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """Adjacent layer pairs whose second layer is grouped, one per stage: for ResNeXt the first block's
-    (reduce 1x1, grouped 3x3); for ShuffleNet v1 the second unit's (depthwise 3x3, grouped expand 1x1)."""
-    stages = getattr(model, "stage_sizes", ())
-    if hasattr(model, "cardinality"):
-        return [(f"stage{i + 1}/block0/conv_reduce", f"stage{i + 1}/block0/conv_group") for i in range(len(stages))]
-    if hasattr(model, "groups"):
-        return [(f"stage{i + 2}/unit1/dw_conv", f"stage{i + 2}/unit1/expand_conv")
-                for i, n in enumerate(stages) if n > 1]
-    return []
+    """Adjacent layer pairs whose second layer is grouped, one per stage, as the model's family lists them (ResNeXt:
+    the first block's reduce 1x1 and grouped 3x3; ShuffleNet v1: the second unit's depthwise 3x3 and grouped
+    expand 1x1)."""
+    return family_of(model).layer_pairs(model)
 
 
 def compute_breakdown(model: nn.Module, input_shape: Sequence[int]) -> dict[str, dict[str, dict[str, int]]]:

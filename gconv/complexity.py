@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gconv.layers import GroupedConv
+from gconv.layers import GroupedConv, record_calls
 
-__all__ = ["count_params", "count_flops", "layer_costs", "LayerCost", "breakdown", "preserving_width"]
+__all__ = ["count_params", "count_macs", "count_flops", "layer_costs", "LayerCost", "breakdown", "preserving_width"]
 
 
 def count_params(params: Any) -> int:
@@ -52,31 +53,32 @@ def layer_costs(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any
         shape = (1,) + shape
     records: list[LayerCost] = []
 
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        module = context.module
-        if context.method_name != "__call__" or not isinstance(module, (GroupedConv, nn.Dense)):
-            return out
+    def record(module, args, out):
+        if not isinstance(module, (GroupedConv, nn.Dense)):
+            return
         c_in = args[0].shape[-1]
-        if isinstance(module, GroupedConv):
-            fan_in = math.prod(module.kernel_size) * (c_in // module.groups)
-        else:
-            fan_in = c_in
+        fan_in = math.prod(module.kernel_size) * (c_in // module.groups) if isinstance(module, GroupedConv) else c_in
         params = fan_in * out.shape[-1] + (out.shape[-1] if module.use_bias else 0)
         records.append(LayerCost("/".join(module.scope.path), _kind(module, c_in), params, math.prod(out.shape) * fan_in))
-        return out
 
     def init():
-        with nn.intercept_methods(interceptor):
+        with record_calls(record):
             return model.init(jax.random.PRNGKey(0), jnp.zeros(shape, jnp.float32), **call_kwargs)
 
     jax.eval_shape(init)
     return records
 
 
-def count_flops(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any) -> int:
+def count_macs(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any) -> int:
     """Multiply-accumulates of one forward pass over `input_shape` (`(H, W, C)` = one image)."""
     return sum(layer.macs for layer in layer_costs(model, input_shape, **call_kwargs))
+
+
+def count_flops(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any) -> int:
+    """Deprecated name of `count_macs` (it always counted multiply-accumulates, as the papers' "FLOPs" do)."""
+    warnings.warn("gconv.complexity.count_flops is renamed count_macs (it counts multiply-accumulates).",
+                  DeprecationWarning, stacklevel=2)
+    return count_macs(model, input_shape, **call_kwargs)
 
 
 def breakdown(model: nn.Module, input_shape: Sequence[int], depth: int = 1) -> dict[tuple[str, str], dict[str, int]]:

@@ -15,7 +15,8 @@ from typing import Any, Iterable
 
 import ml_collections
 
-__all__ = ["load_experiment", "apply_overrides", "expand_sweep", "flat_keys", "parse_value"]
+__all__ = ["load_experiment", "apply_overrides", "expand_sweep", "flat_keys", "parse_value", "base_config",
+           "make_local", "cardinality_sweep"]
 
 
 def load_experiment(spec: str) -> tuple[ml_collections.ConfigDict, list[dict[str, Any]]]:
@@ -114,9 +115,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
 
 def expand_sweep(config: ml_collections.ConfigDict, sweep: list[dict[str, Any]], overrides: dict[str, Any],
                  points: Iterable[str] | None = None) -> list[tuple[str, ml_collections.ConfigDict]]:
-    """One `(name, config)` per sweep point: base config <- point <- command-line overrides.
+    """One `(name, config)` per run: base config <- point <- command-line overrides, then one run per seed.
 
-    `points`: names or indices to keep (all when None); an unknown one raises `KeyError`.
+    `points`: names or indices to keep (all when None); an unknown one raises `KeyError`. With `seeds` N > 1 each
+    point becomes N runs, `{point}_seed{s}` for s = seed, seed + 1, ..., each resumable on its own.
     """
     names = [p["name"] for p in sweep]
     if len(set(names)) != len(names):
@@ -136,8 +138,13 @@ def expand_sweep(config: ml_collections.ConfigDict, sweep: list[dict[str, Any]],
         point_config = config.copy_and_resolve_references()
         apply_overrides(point_config, {k: v for k, v in sweep[i].items() if k != "name"})
         apply_overrides(point_config, overrides)
-        point_config.lock()
-        out.append((names[i], point_config))
+        if point_config.seeds < 1:
+            raise ValueError(f"seeds={point_config.seeds} must be >= 1 (runs per sweep point).")
+        for k in range(point_config.seeds):
+            run_config = point_config.copy_and_resolve_references()
+            run_config.seed = point_config.seed + k
+            run_config.lock()
+            out.append((names[i] if point_config.seeds == 1 else f"{names[i]}_seed{run_config.seed}", run_config))
     return out
 
 
@@ -145,7 +152,9 @@ def base_config() -> ml_collections.ConfigDict:
     """Defaults every experiment starts from; experiment files change only what differs."""
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.model = ml_collections.ConfigDict(dict(name="resnext11_1x16d", dtype="float32"))
+    config.seeds = 1  # runs per sweep point, with seeds seed, seed + 1, ...; the report gives mean ± std over them
+    # A family's bare name plus its fields (or a full registry name such as "resnext50_32x4d" alone).
+    config.model = ml_collections.ConfigDict(dict(name="resnext11", cardinality=1, base_width=16, dtype="float32"))
     config.data = ml_collections.ConfigDict(dict(
         name="digits", data_dir="", batch_size=64, eval_batch_size=256, augment=True, image_size=32, num_classes=10,
         num_workers=-1))  # input threads per process; -1: every core of the host
@@ -160,6 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 500
     config.checkpoint_every_steps = 500
     config.keep_checkpoints = 2
+    config.profile_steps = ""  # "a,b": a jax.profiler trace of training steps a..b in RUN_DIR/profile
     config.init_from = ""  # a PyTorch checkpoint (.pth/.safetensors) to start from, see gconv.convert
     config.paper_top1_error = -1.0  # the published figure for this point, shown beside ours; < 0 = none
     return config
@@ -175,3 +185,12 @@ def make_local(config: ml_collections.ConfigDict, image_size: int = 32) -> ml_co
     config.num_steps = 4
     config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
     return config
+
+
+def cardinality_sweep(cardinalities: Iterable[int], channels: int = 256, base_width: int = 64) -> list[dict[str, Any]]:
+    """Sweep points `c{C}` trading cardinality C for bottleneck width d at the complexity of the C=1, d=`base_width`
+    block on `channels` (ResNeXt paper Table 2; see `gconv.complexity.preserving_width`)."""
+    from gconv.complexity import preserving_width
+
+    return [{"name": f"c{c}", "model.cardinality": c, "model.base_width": preserving_width(c, channels, base_width)}
+            for c in cardinalities]

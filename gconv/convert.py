@@ -8,9 +8,18 @@ Kernels go OIHW -> HWIO (a grouped kernel `(O, I/g, kh, kw)` keeps its per-group
 transposed, BatchNorm's running statistics become `batch_stats`. Every key is accounted for: missing, unexpected
 or wrongly shaped keys raise `ValueError` listing them. `.pth` files are read with `torch.load(weights_only=True)`
 (no pickled code runs; torch is imported only then); `.safetensors` need no torch.
+
+Published weights on demand: `load_pretrained("resnext50_32x4d", "tv2_in1k")` downloads torchvision's file once
+into `$GCONV_CACHE/weights` (default `~/.cache/gconv/weights`), checks its SHA-256 against the hash in its name,
+and converts it.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,50 +27,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gconv.models import create_model, model_spec
-from gconv.models.resnext import ResNeXt
-from gconv.models.shufflenet import ShuffleNetV1, ShuffleNetV2
+from gconv.models import create_model, family_of
 
-__all__ = ["load_torch_weights", "read_state_dict", "torch_key"]
+__all__ = ["load_torch_weights", "load_torch_weights_for", "load_pretrained", "pretrained_file", "PRETRAINED",
+           "read_state_dict", "torch_key"]
 
-_RESNEXT_LAYERS = {"conv_reduce": "conv1", "bn_reduce": "bn1", "conv_group": "conv2", "bn_group": "bn2",
-                   "conv_expand": "conv3", "bn_expand": "bn3", "proj_conv": "downsample.0", "proj_bn": "downsample.1"}
-_V2_LAYERS = {"branch1_dw_conv": "branch1.0", "branch1_dw_bn": "branch1.1", "branch1_conv": "branch1.2",
-              "branch1_bn": "branch1.3", "branch2_conv1": "branch2.0", "branch2_bn1": "branch2.1",
-              "branch2_dw_conv": "branch2.3", "branch2_dw_bn": "branch2.4", "branch2_conv2": "branch2.5",
-              "branch2_bn2": "branch2.6"}
-_V1_LAYERS = {"compress_conv": "compress_conv1", "compress_bn": "compress_bn1", "dw_conv": "dw_conv2",
-              "dw_bn": "dw_bn2", "expand_conv": "expand_conv3", "expand_bn": "expand_bn3"}
+_TV = "https://download.pytorch.org/models/"
+# (model, tag) -> URL of published weights. The hex after the last "-" of the file name is the start of the file's
+# SHA-256 (torch.hub's rule), checked after download. tv_in1k: torchvision's IMAGENET1K_V1, tv2_in1k: IMAGENET1K_V2.
+PRETRAINED = {
+    ("resnext50_32x4d", "tv_in1k"): _TV + "resnext50_32x4d-7cdf4587.pth",
+    ("resnext50_32x4d", "tv2_in1k"): _TV + "resnext50_32x4d-1a0047aa.pth",
+    ("resnext101_32x8d", "tv_in1k"): _TV + "resnext101_32x8d-8ba56ff5.pth",
+    ("resnext101_32x8d", "tv2_in1k"): _TV + "resnext101_32x8d-110c445d.pth",
+    ("resnext101_64x4d", "tv_in1k"): _TV + "resnext101_64x4d-173b62eb.pth",
+    ("shufflenet_v2_x0_5", "tv_in1k"): _TV + "shufflenetv2_x0.5-f707e7126e.pth",
+    ("shufflenet_v2_x1_0", "tv_in1k"): _TV + "shufflenetv2_x1-5666bf0f80.pth",
+    ("shufflenet_v2_x1_5", "tv_in1k"): _TV + "shufflenetv2_x1_5-3c479a10.pth",
+    ("shufflenet_v2_x2_0", "tv_in1k"): _TV + "shufflenetv2_x2_0-8be3c8ee.pth",
+}
+
 _LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
-def _module_name(cls: type, path: tuple[str, ...]) -> str:
-    """The PyTorch module name of a gconv module path, in the layout of the family's reference code."""
-    if cls is ResNeXt:  # torchvision and timm: conv1/bn1, layer{i}.{j}.conv1..., fc
-        top = {"stem_conv": "conv1", "stem_bn": "bn1", "head": "fc"}
-        if path[0] in top:
-            return top[path[0]]
-        stage, block, layer = path
-        return f"layer{stage[len('stage'):]}.{block[len('block'):]}.{_RESNEXT_LAYERS[layer]}"
-    if cls is ShuffleNetV2:  # torchvision: conv1.{0,1}, stage{2,3,4}.{j}.branch{1,2}.{k}, conv5.{0,1}, fc
-        top = {"stem_conv": "conv1.0", "stem_bn": "conv1.1", "last_conv": "conv5.0", "last_bn": "conv5.1",
-               "head": "fc"}
-        if path[0] in top:
-            return top[path[0]]
-        stage, unit, layer = path
-        return f"{stage}.{unit[len('unit'):]}.{_V2_LAYERS[layer]}"
-    if cls is ShuffleNetV1:  # imgclsmob: features.init_block.{conv,bn}, features.stage{1,2,3}.unit{1..}, output
-        top = {"stem_conv": "features.init_block.conv", "stem_bn": "features.init_block.bn", "head": "output"}
-        if path[0] in top:
-            return top[path[0]]
-        stage, unit, layer = path
-        return f"features.stage{int(stage[len('stage'):]) - 1}.unit{int(unit[len('unit'):]) + 1}.{_V1_LAYERS[layer]}"
-    raise ValueError(f"no PyTorch layout is known for {cls.__name__}.")
-
-
-def torch_key(cls: type, collection: str, path: tuple[str, ...]) -> str:
-    """`(ResNeXt, "params", ("stage1", "block0", "conv_group", "kernel"))` -> "layer1.0.conv2.weight"."""
-    return f"{_module_name(cls, path[:-1])}.{_LEAVES[path[-1]]}"
+def torch_key(model: str | type | Any, path: tuple[str, ...]) -> str:
+    """The PyTorch state-dict key of a gconv leaf, in the layout of the family's reference code (each family's
+    `torch_name`): `("resnext50_32x4d", ("stage1", "block0", "conv_group", "kernel"))` -> "layer1.0.conv2.weight"."""
+    family = family_of(model)
+    if family.torch_name is None:
+        raise ValueError(f"no PyTorch layout is known for the {family.name} family: give its ModelFamily a "
+                         f"torch_name to convert PyTorch weights.")
+    return f"{family.torch_name(path[:-1])}.{_LEAVES[path[-1]]}"
 
 
 def read_state_dict(source: str | Path | Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -101,10 +97,9 @@ def load_torch_weights(model_name: str, source: str | Path | Mapping[str, Any], 
     state dict. `num_classes`: None keeps the checkpoint's classifier; another value replaces it with a freshly
     initialised head (from `seed`)."""
     state = read_state_dict(source)
-    cls, _ = model_spec(model_name)
-    head_key = _module_name(cls, ("head",)) + ".weight"
+    head_key = torch_key(model_name, ("head", "kernel"))
     if head_key not in state:
-        raise ValueError(f"the checkpoint has no classifier {head_key!r}: is it a {cls.__name__} in the "
+        raise ValueError(f"the checkpoint has no classifier {head_key!r}: is it a {model_name} in the "
                          f"torchvision/timm/imgclsmob layout? Its first keys: {sorted(state)[:8]}.")
     ckpt_classes = state[head_key].shape[0]
     model = create_model(model_name, num_classes=num_classes or ckpt_classes, **model_overrides)
@@ -115,7 +110,7 @@ def load_torch_weights(model_name: str, source: str | Path | Mapping[str, Any], 
     for collection in ("params", "batch_stats"):
         def convert(path, leaf, collection=collection):
             names = tuple(str(k.key) for k in path)
-            key = torch_key(cls, collection, names)
+            key = torch_key(model_name, names)
             if replace_head and names[0] == "head":
                 used.add(key)
                 return leaf
@@ -137,3 +132,67 @@ def load_torch_weights(model_name: str, source: str | Path | Mapping[str, Any], 
                          f"{unexpected}, wrong shapes {bad_shape}. Check the model name and its overrides "
                          f"(e.g. stage_sizes) against the checkpoint.")
     return out
+
+
+def init_from_path(config: Any) -> Path:
+    """A config's `init_from` as a file: a path, or a published-weights tag of its model (downloaded when needed)."""
+    if os.path.isfile(config.init_from) or os.sep in config.init_from or "." in config.init_from:
+        return Path(config.init_from)
+    from gconv.models import family_of, model_from_config
+
+    model = model_from_config(config.model, 1000)
+    return pretrained_file(family_of(model).name_of(model), config.init_from)
+
+
+def load_torch_weights_for(config: Any, num_classes: int) -> dict[str, Any]:
+    """`load_torch_weights` for a run's config: its `init_from` (a file, or a tag of `PRETRAINED`) onto its model
+    (`config.model`), the classifier replaced by a fresh one (from `config.seed`) when the classes differ."""
+    overrides = {k: v for k, v in config.model.items() if k not in ("name", "dtype")}
+    return load_torch_weights(config.model.name, init_from_path(config), num_classes=num_classes, seed=config.seed,
+                              **overrides)
+
+
+def pretrained_file(model_name: str, tag: str) -> Path:
+    """The local file of published weights `tag` for `model_name`, downloaded into `rundir.cache_dir()` the first time and
+    checked against the hash in its name. Raises `ValueError` for an unknown tag or a wrong hash (the download is
+    not kept) and `FileNotFoundError` when it is not cached and cannot be downloaded."""
+    from gconv import rundir
+
+    url = PRETRAINED.get((model_name, tag))
+    if url is None:
+        known = sorted(t for name, t in PRETRAINED if name == model_name)
+        raise ValueError(f"no published weights {tag!r} for {model_name}: known tags {known or 'none'}; models with "
+                         f"weights: {sorted({name for name, _ in PRETRAINED})}.")
+    filename = url.rsplit("/", 1)[1]
+    path = Path(rundir.cache_dir()) / filename
+    if path.is_file():
+        return path
+    expected = re.search(r"-([0-9a-f]+)\.[a-z]+$", filename).group(1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{filename}.{os.getpid()}.part")
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+    except (OSError, urllib.error.URLError) as e:
+        partial.unlink(missing_ok=True)
+        raise FileNotFoundError(
+            f"{model_name} weights {tag!r} are not cached and could not be downloaded from {url} (no network? "
+            f"{getattr(e, 'reason', e)}): download that file on a machine with internet access into {path.parent} "
+            f"(GCONV_CACHE=DIR reads DIR/weights), or pass --config.init_from=PATH.") from e
+    if not digest.hexdigest().startswith(expected):
+        partial.unlink()
+        raise ValueError(f"{url}: SHA-256 {digest.hexdigest()[:16]}... does not start with {expected} as its name "
+                         f"says; the download was damaged or the file changed. Nothing was kept; try again.")
+    os.replace(partial, path)
+    return path
+
+
+def load_pretrained(model_name: str, tag: str, num_classes: int | None = None, seed: int = 0,
+                    **model_overrides: Any) -> dict[str, Any]:
+    """Flax variables of published weights (`PRETRAINED`: torchvision's ResNeXt and ShuffleNet v2), downloaded once
+    and cached (see `pretrained_file`), converted by `load_torch_weights`."""
+    return load_torch_weights(model_name, pretrained_file(model_name, tag), num_classes=num_classes, seed=seed,
+                              **model_overrides)

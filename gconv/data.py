@@ -112,7 +112,7 @@ def get_source(data: Any, split: str) -> tuple[Sequence[dict], DatasetInfo]:
 
 # --- preprocessing (numpy, per example) -------------------------------------------------------------------------
 
-def _normalize(image: np.ndarray, info: DatasetInfo) -> np.ndarray:
+def _standardize(image: np.ndarray, info: DatasetInfo) -> np.ndarray:
     scale = 255.0 if image.dtype == np.uint8 else 1.0
     image = image.astype(np.float32) / scale
     return (image - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
@@ -170,7 +170,7 @@ def _augmenter(info: DatasetInfo, train: bool, augment: bool) -> Callable[[dict,
             image = _random_resized_crop(image, rng, size) if (train and augment) else _center_crop(image, size)
         elif train and augment:
             image = _pad_crop_flip(image, rng)
-        return {"image": _normalize(image, info), "label": np.int32(record["label"]), "mask": np.bool_(True)}
+        return {"image": _standardize(image, info), "label": np.int32(record["label"]), "mask": np.bool_(True)}
 
     return fn
 

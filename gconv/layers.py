@@ -30,7 +30,23 @@ __all__ = [
     "SplitTransformConcat",
     "SplitTransformSum",
     "split_transform_params",
+    "record_calls",
 ]
+
+
+@contextlib.contextmanager
+def record_calls(record: Callable[[nn.Module, tuple, Any], None]):
+    """Inside the block, `record(module, args, output)` runs after every submodule's `__call__` (Flax's method
+    interception): for per-layer shapes, outputs and costs without changing the model."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__":
+            record(context.module, args, out)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        yield
 
 
 class GroupedConv(nn.Module):

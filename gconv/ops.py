@@ -36,11 +36,6 @@ __all__ = [
     "channel_unshuffle",
     "shuffle_permutation",
     "normalize_padding",
-    "model_parallel_input",
-    "model_parallel_output",
-    "sharded_channel_shuffle",
-    "gather_channels",
-    "local_channels",
 ]
 
 
@@ -166,7 +161,7 @@ def grouped_conv(
 
 def _lower(impl: str, x: jax.Array, kernel: jax.Array, groups: int, nd: int, **kwargs) -> jax.Array:
     if impl == "split":
-        return grouped_conv_reference(x, kernel, groups, **kwargs)
+        return _split_conv(x, kernel, groups, nd, **kwargs)
     if impl == "shift":
         return _shift_conv(x, kernel, groups, nd, **kwargs)
     if impl == "dot":
@@ -414,25 +409,18 @@ def block_diagonal_kernel(kernel: jax.Array, groups: int) -> jax.Array:
     return dense.reshape(*window, groups * c_group, c_out)
 
 
-def grouped_conv_reference(
-    x: jax.Array,
-    kernel: jax.Array,
-    groups: int,
-    *,
-    strides: IntOrSeq = 1,
-    padding: Padding = "SAME",
-    dilation: IntOrSeq = 1,
-    precision: lax.PrecisionLike = None,
-    preferred_element_type: jnp.dtype | None = None,
-) -> jax.Array:
+def grouped_conv_reference(x: jax.Array, kernel: jax.Array, groups: int, **conv_args) -> jax.Array:
     """The definition of a grouped conv: split the channels, one dense conv per group, concatenate.
 
-    Same arguments and result as `grouped_conv`: the reference its other lowerings are tested against, and its
-    `impl="split"`.
+    Same arguments and result as `grouped_conv` (`strides`, `padding`, ...): the reference its other lowerings are
+    tested against, and its `impl="split"`.
     """
-    nd, groups = _check_conv_args(x, kernel, groups)
-    kwargs = dict(strides=strides, padding=padding, dilation=dilation, precision=precision,
-                  preferred_element_type=preferred_element_type)
+    if "impl" in conv_args:
+        raise ValueError("grouped_conv_reference takes no impl: it is the 'split' lowering; call grouped_conv(impl=...).")
+    return grouped_conv(x, kernel, groups, impl="split", **conv_args)
+
+
+def _split_conv(x: jax.Array, kernel: jax.Array, groups: int, nd: int, **kwargs) -> jax.Array:
     outs = [_lax_conv(xi, ki, 1, nd, **kwargs)
             for xi, ki in zip(jnp.split(x, groups, axis=-1), jnp.split(kernel, groups, axis=-1))]
     return jnp.concatenate(outs, axis=-1)
@@ -481,69 +469,3 @@ def channel_unshuffle(x: jax.Array, groups: int, axis: int = -1) -> jax.Array:
     channels = x.shape[_channel_axis(x, axis)]
     groups = _check_shuffle(channels, groups)
     return channel_shuffle(x, channels // groups, axis)
-
-
-# --- collectives for group parallelism (inside shard_map over a `model` axis) ------------------------------------
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def model_parallel_input(x: jax.Array, axis_name: str) -> jax.Array:
-    """Identity forward; gradients summed over `axis_name` backward. Marks a replicated activation entering a
-    region whose devices each compute a different part (Megatron's "f")."""
-    return x
-
-
-def _mpi_fwd(x, axis_name):
-    return x, None
-
-
-def _mpi_bwd(axis_name, _, g):
-    return (jax.lax.psum(g, axis_name),)
-
-
-model_parallel_input.defvjp(_mpi_fwd, _mpi_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def model_parallel_output(x: jax.Array, axis_name: str) -> jax.Array:
-    """Sum of the devices' partial results over `axis_name` forward; identity backward (Megatron's "g")."""
-    return jax.lax.psum(x, axis_name)
-
-
-def _mpo_fwd(x, axis_name):
-    return jax.lax.psum(x, axis_name), None
-
-
-def _mpo_bwd(axis_name, _, g):
-    return (g,)
-
-
-model_parallel_output.defvjp(_mpo_fwd, _mpo_bwd)
-
-
-def sharded_channel_shuffle(x: jax.Array, groups: int, axis_name: str, axis_size: int) -> jax.Array:
-    """`channel_shuffle` of channels split in contiguous blocks over `axis_name`, as one `all_to_all`.
-
-    `x: (..., C / axis_size)` holds `groups / axis_size` whole groups; the result holds this device's block of the
-    shuffled channels. Group size `C / groups` must be divisible by `axis_size`.
-    """
-    local_groups = groups // axis_size
-    if groups % axis_size or x.shape[-1] % local_groups or (x.shape[-1] // local_groups) % axis_size:
-        raise ValueError(f"sharded_channel_shuffle: groups={groups} with {x.shape[-1]} local channels cannot be split "
-                         f"over {axis_size} devices: groups and the group size must be divisible by {axis_size}.")
-    per_group = x.shape[-1] // local_groups
-    lead = x.shape[:-1]
-    x = x.reshape(lead + (local_groups, axis_size, per_group // axis_size))
-    x = jax.lax.all_to_all(x, axis_name, split_axis=x.ndim - 2, concat_axis=x.ndim - 3, tiled=True)
-    x = x.reshape(lead + (groups, per_group // axis_size))
-    return jnp.swapaxes(x, -1, -2).reshape(lead + (groups * per_group // axis_size,))
-
-
-def gather_channels(x: jax.Array, axis_name: str) -> jax.Array:
-    """All devices' channel blocks concatenated in device order: `(..., C / n) -> (..., C)`."""
-    return jax.lax.all_gather(x, axis_name, axis=x.ndim - 1, tiled=True)
-
-
-def local_channels(x: jax.Array, axis_name: str, axis_size: int) -> jax.Array:
-    """This device's contiguous block of a replicated `(..., C)`: `(..., C / axis_size)`."""
-    size = x.shape[-1] // axis_size
-    return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis_name) * size, size, axis=x.ndim - 1)

@@ -7,8 +7,9 @@ compute what one device computes on the global batch. Each device runs its group
 nothing in the step all-gathers activations (the test suite checks the compiled HLO).
 
 Group parallel (AlexNet's split, generalised): the groups of every grouped convolution are split over `model`;
-each device holds only its groups' weights, BN parameters and activations (the models' `model_axis` /
-`model_size` fields say how; `partition_specs` places the state). Composes with data parallel on a 2-D mesh.
+each device holds only its groups' weights, BN parameters and activations (a model's `group_split` field says how,
+its family's `split_rules` where each parameter goes; `partition_specs` places the state). Composes with data
+parallel on a 2-D mesh.
 """
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["DATA", "MODEL", "make_mesh", "replicated", "shard_batch", "shard_step", "pmap_data_parallel",
-           "group_parallel_rules", "partition_specs", "shard_state",
-           "check_batch_divides"]
 
-DATA, MODEL = "data", "model"
+from gconv.collectives import DATA, MODEL, GroupSplit
+
+__all__ = ["DATA", "MODEL", "make_mesh", "replicated", "shard_batch", "shard_step", "pmap_data_parallel",
+           "group_parallel_rules", "partition_specs", "shard_state", "check_batch_divides", "input_shard",
+           "place_rows", "compile_steps", "split_of"]
 
 
 def make_mesh(mesh_config: Any, devices: list | None = None) -> Mesh:
@@ -81,7 +83,7 @@ def shard_step(step: Callable, mesh: Mesh, state_specs: Any = P(), *, returns_st
 
     The batch is split over `data`; the state is replicated (`state_specs=P()`, data parallel) or split over
     `model` as `state_specs` says (group parallel, see `partition_specs`; the step's model must then be built with
-    `model_axis="model", model_size=mesh.shape["model"]`). `step` reduces over `axis_name` itself (`pmean` of
+    `group_split=GroupSplit(MODEL, mesh.shape[MODEL])`). `step` reduces over `axis_name` itself (`pmean` of
     gradients and metrics, `psum` of evaluation counts), so its other outputs are replicated. (Under group
     parallel, `train_step`'s `grad_norm` metric counts only this device's shards of the split parameters; the loss,
     accuracy and updates are exact.)
@@ -115,16 +117,14 @@ def _path_str(path) -> str:
 
 
 def group_parallel_rules(model: Any) -> tuple:
-    """The (path regex, partition) rules of a model family that supports group parallelism."""
-    from gconv.models.resnext import GROUP_PARALLEL_RULES, ResNeXt
-    from gconv.models.shufflenet import V1_GROUP_PARALLEL_RULES, ShuffleNetV1
+    """The (path regex, partition) rules of a model whose family has a group-parallel form."""
+    from gconv.models import FAMILIES, family_of
 
-    if isinstance(model, ResNeXt):
-        return GROUP_PARALLEL_RULES
-    if isinstance(model, ShuffleNetV1):
-        return V1_GROUP_PARALLEL_RULES
-    raise ValueError(f"{type(model).__name__} has no group-parallel form: use a ResNeXt or ShuffleNet v1 model, "
-                     f"or mesh.model=1.")
+    rules = family_of(model).split_rules
+    if not rules:
+        able = [f.name for f in FAMILIES if f.split_rules]
+        raise ValueError(f"{type(model).__name__} has no group-parallel form: use a model of {able}, or mesh.model=1.")
+    return rules
 
 
 def partition_specs(tree: Any, rules: tuple) -> Any:
@@ -148,3 +148,42 @@ def shard_state(state: Any, mesh: Mesh, state_specs: Any) -> Any:
         return jax.device_put(state, NamedSharding(mesh, state_specs))
     return jax.device_put(state, jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs,
                                               is_leaf=lambda x: isinstance(x, P)))
+
+
+# --- a run's input and steps on its mesh ---------------------------------------------------------------------
+
+def input_shard(mesh: Mesh) -> dict:
+    """`{shard_index, shard_count}` of this process's rows of each global batch: the block of the mesh's `data` axis
+    that its devices hold (all of it when the `model` axis, not `data`, spans the processes)."""
+    mine = sorted({i for i, row in enumerate(mesh.devices) for d in row if d.process_index == jax.process_index()})
+    if not mine or mine != list(range(mine[0], mine[0] + len(mine))) or mine[0] % len(mine):
+        raise ValueError(f"process {jax.process_index()} holds the data-axis positions {mine} of the mesh: each "
+                         f"process must hold one aligned block of it (order devices by process).")
+    return {"shard_index": mine[0] // len(mine), "shard_count": mesh.shape[DATA] // len(mine)}
+
+
+def place_rows(batch: dict, mesh: Mesh) -> dict:
+    """This process's rows of a global host batch (evaluation), as arrays split over the mesh's `data` axis."""
+    shard = input_shard(mesh)
+    rows = len(batch["label"]) // shard["shard_count"]
+    start = shard["shard_index"] * rows
+    return shard_batch(jax.tree.map(lambda x: x[start:start + rows], batch), mesh)
+
+
+def compile_steps(train_step: Callable, eval_step: Callable, mesh: Mesh, state_specs: Any = P(),
+                  mode: str = "shard_map") -> tuple[Callable, Callable, Callable, Callable]:
+    """`(train_fn, eval_fn, place_train, place_eval)` for a run on `mesh`: one jitted step on a single device, else
+    steps over the mesh through `shard_map` (or data parallel through `pmap`, `mode="pmap"`). `place_train` takes
+    this process's rows of a training batch, `place_eval` a global evaluation batch."""
+    if mesh.size == 1:
+        return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), (lambda b: b), (lambda b: b)
+    if mode == "pmap":
+        return pmap_data_parallel(train_step), jax.jit(eval_step), (lambda b: b), (lambda b: b)
+    return (shard_step(train_step, mesh, state_specs),
+            shard_step(eval_step, mesh, state_specs, returns_state=False, donate=False),
+            functools.partial(shard_batch, mesh=mesh), functools.partial(place_rows, mesh=mesh))
+
+
+def split_of(mesh: Mesh) -> GroupSplit:
+    """The group split a model needs for `mesh`: its `model` axis."""
+    return GroupSplit(MODEL, mesh.shape[MODEL])

@@ -12,10 +12,11 @@ import ml_collections
 
 from gconv import data as data_lib
 from gconv import parallel
+from gconv.models import family_of, model_from_config
+from gconv.optim import OPTIMIZERS, SCHEDULES
+from gconv.progress import parse_steps
 
-__all__ = ["preflight", "OPTIMIZERS", "SCHEDULES"]
-
-OPTIMIZERS, SCHEDULES = ("sgd", "adamw"), ("cosine", "step", "constant")
+__all__ = ["preflight"]
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -49,42 +50,43 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"optim.{key}={value} must be a finite number >= 0"
                              f"{' and > 0' if key == 'learning_rate' else ''}.")
     data_lib.num_threads(config.data.num_workers)
+    if config.get("profile_steps"):
+        parse_steps(config.profile_steps)
     if config.data.name not in data_lib.DATASETS:
         raise ValueError(f"data.name={config.data.name!r} is not known: use one of {data_lib.DATASETS}.")
 
 
-def _check_init_from(path: str) -> None:
-    from gconv.convert import read_state_dict
+def _check_init_from(config: ml_collections.ConfigDict) -> None:
+    from gconv.convert import init_from_path, read_state_dict
 
+    path = init_from_path(config)  # a tag is looked up, and downloaded when not cached
     try:
         read_state_dict(path)
     except (FileNotFoundError, ImportError):
         raise
     except Exception as e:  # safetensors/torch raise their own types for a damaged file
-        raise ValueError(f"init_from={path!r} cannot be read as a PyTorch state dict ({type(e).__name__}: {e}): "
+        raise ValueError(f"init_from={str(path)!r} cannot be read as a PyTorch state dict ({type(e).__name__}: {e}): "
                          f"pass a .pth/.pt/.safetensors file saved from torchvision/timm/imgclsmob.") from e
 
 
 def preflight(config: ml_collections.ConfigDict) -> None:
     """Checks sizes, intervals, names, dtypes, the model and its overrides, the mesh against the devices and batch
     sizes, that the groups split over `mesh.model`, that the dataset is present and that `init_from` reads."""
-    from gconv.train import build_model, run_name  # the model builder lives with the training loop
-
     _check_values(config)
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_batch_divides(config.data.batch_size, mesh)
     parallel.check_batch_divides(config.data.eval_batch_size, mesh)
     jnp.dtype(config.model.get("dtype", "float32"))
-    model = build_model(config, 10)
+    model = model_from_config(config.model, 10)
     model_size = mesh.shape[parallel.MODEL]
     if config.parallel not in ("shard_map", "pmap") or (config.parallel == "pmap" and model_size > 1):
         raise ValueError(f"parallel={config.parallel!r} with mesh.model={model_size}: use 'shard_map' "
                          f"('pmap' runs data parallel only, mesh.model=1).")
     if model_size > 1:
         parallel.group_parallel_rules(model)
-        groups = getattr(model, "cardinality", None) or getattr(model, "groups", 1)
+        groups = family_of(model).groups_of(model)
         if groups % model_size:
-            raise ValueError(f"{run_name(config, model)} has {groups} group(s), not divisible by "
+            raise ValueError(f"{family_of(model).name_of(model)} has {groups} group(s), not divisible by "
                              f"mesh.model={model_size}: group parallelism splits whole groups; run the points whose "
                              f"groups divide {model_size} (--point), or use --config.mesh.model=1.")
     for split in ("train", "eval"):
@@ -93,4 +95,4 @@ def preflight(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"data.batch_size={config.data.batch_size} is larger than the {len(source)} training "
                              f"examples of {config.data.name!r}: use at most {len(source)}.")
     if config.init_from:
-        _check_init_from(config.init_from)
+        _check_init_from(config)

@@ -1,8 +1,8 @@
-"""Sweep reports: a markdown table and PNG plots from the `summary.json` of each run under a workdir, and for each
-run what its groups learned (`analyze_run`, from its last checkpoint)."""
+"""Sweep reports: markdown tables and PNG plots from the `summary.json` and `metrics.jsonl` of each run under a
+workdir (a sweep point's seeds as mean ± std, tested against the first point; see `gconv.stats`), and for each run
+what its groups learned (`analyze_run`, from a checkpoint)."""
 from __future__ import annotations
 
-import io
 import math
 import re
 from typing import Any
@@ -10,20 +10,42 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from gconv import rundir
+from gconv import plots, rundir, stats, tensorboard
 
-__all__ = ["load_summaries", "report_table", "analyze_run", "write_report"]
+__all__ = ["run_summary", "load_summaries", "report_table", "point_table", "results", "analyze_run", "write_report"]
 
-COLUMNS = [  # (header, summary key, format)
-    ("point", "name", "{}"), ("model", "model", "{}"), ("cardinality", "cardinality", "{}"),
-    ("groups", "groups", "{}"), ("width", "width", "{}"), ("shuffle", "shuffle", "{}"),
-    ("params", "params", "{:,}"), ("MFLOPs", "mflops", "{:,.1f}"),
+FIRST_COLUMNS = [("point", "name", "{}"), ("model", "model", "{}")]  # (header, summary key, format)
+COLUMNS = [  # after the model's own fields (each family's `fields_of`: cardinality, groups, width, ...)
+    ("params", "params", "{:,}"), ("MMACs", "mmacs", "{:,.1f}"),
     ("final top-1 err (%)", "final_top1_error", "{:.2f}"), ("best top-1 err (%)", "best_top1_error", "{:.2f}"),
     ("paper top-1 err (%)", "paper_top1_error", "{:.1f}"),
     ("block-diag. score", "block_diagonality", "{:.3f}"), ("chance", "chance", "{:.3f}"),
     ("img/s", "img_per_sec", "{:,.0f}"),
     ("wall time (s)", "wall_time", "{:,.1f}"),
 ]
+
+
+def run_summary(run_dir: Any, model: Any, config: Any, image_shape: tuple[int, ...], params: Any,
+                history: list[dict], throughput: list[float], total_steps: int) -> dict[str, Any]:
+    """A finished run in one record (`summary.json`, what reports read): what was built, its cost, its errors
+    (from the `metrics.jsonl` records `history`) and speed (`throughput`: img/s of the session's log intervals)."""
+    from gconv.complexity import count_macs, count_params
+    from gconv.models import family_of
+
+    evals = {r["step"]: r["eval_top1_error"] for r in history if "eval_top1_error" in r}
+    previous = rundir.read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else {}
+    family, seeds = family_of(model), config.get("seeds", 1)
+    return {
+        "name": run_dir.name, "point": run_dir.name.removesuffix(f"_seed{config.seed}") if seeds > 1 else run_dir.name,
+        "seed": config.seed, "model": family.name_of(model), "family": family.name, "steps": total_steps,
+        "fields": family.fields_of(model), "sweep_axis": family.sweep_axis,
+        "params": count_params(params), "mmacs": count_macs(model, image_shape) / 1e6,
+        "final_top1_error": evals[max(evals)] if evals else None, "best_top1_error": min(evals.values(), default=None),
+        "best_step": min(evals, key=lambda k: (evals[k], -k)) if evals else None,
+        "img_per_sec": float(np.median(throughput)) if throughput else previous.get("img_per_sec"),
+        "wall_time": max((r.get("wall_time") or 0.0 for r in history), default=0.0),
+        "paper_top1_error": config.get("paper_top1_error"),
+    }
 
 
 def load_summaries(workdir: Any) -> list[dict[str, Any]]:
@@ -35,7 +57,12 @@ def load_summaries(workdir: Any) -> list[dict[str, Any]]:
     natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.parent.name)]  # noqa: E731
     for path in sorted(workdir.glob("*/summary.json"), key=natural):
         s = rundir.read_json(path)
-        s["width"] = s.get("base_width") if s.get("base_width") is not None else s.get("width_multiplier")
+        if "fields" not in s:  # a summary from before summaries named their model's fields
+            s["fields"] = {k: s[k] for k in ("cardinality", "base_width", "groups", "width_multiplier", "shuffle")
+                           if s.get(k) is not None}
+            s["sweep_axis"] = next((k for k in ("cardinality", "groups") if k in s["fields"]), None)
+            s["mmacs"] = s.get("mflops")
+        s.update({f"field:{k}": v for k, v in s["fields"].items()})
         analysis_path = path.parent / "analysis" / "analysis.json"
         if analysis_path.exists():
             s.update(rundir.read_json(analysis_path)["summary"])
@@ -52,69 +79,30 @@ def _cell(summary: dict, key: str, fmt: str) -> str:
 
 def report_table(summaries: list[dict[str, Any]]) -> str:
     """Markdown table, one row per run; columns that are empty for every run are left out."""
-    columns = [c for c in COLUMNS if any(_cell(s, c[1], c[2]) != "-" for s in summaries)]
+    fields = list(dict.fromkeys(k for s in summaries for k in s.get("fields", {})))
+    columns = FIRST_COLUMNS + [(k, f"field:{k}", "{}") for k in fields] + COLUMNS
+    columns = [c for c in columns if any(_cell(s, c[1], c[2]) != "-" for s in summaries)]
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(s, key, fmt) for _, key, fmt in columns) + " |" for s in summaries]
     return "\n".join(lines)
 
 
-def _save(fig, path: epath.Path) -> None:
-    """A figure as a PNG at `path` (any storage), then closed."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    _pyplot().close(fig)
-    path.write_bytes(buffer.getvalue())
-
-
-def _plot(summaries: list[dict], x_key: str, x_label: str, path: epath.Path, log_x: bool) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
-    series: dict[str, list] = {}
-    for s in summaries:  # one line per model family / shuffle setting
-        label = f"{s['model'].split('_')[0]}" + ("" if s.get("shuffle") in (None, True) else " (no shuffle)")
-        if s.get(x_key) is not None and s.get("final_top1_error") is not None:
-            series.setdefault(label, []).append((s[x_key], s["final_top1_error"], s["name"]))
-    for label, points in series.items():
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
-        for x, y, name in points:
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    if log_x:
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel(x_label)
-    ax.set_ylabel("top-1 error (%)")
-    ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def analyze_run(run_dir: Any, num_images: int = 128) -> dict[str, Any]:
+def analyze_run(run_dir: Any, num_images: int = 128, checkpoint: str = "latest") -> dict[str, Any]:
     """For one finished run: filter-correlation heatmaps and block-diagonality scores of its grouped layer pairs,
     first-layer and per-group kernel views, and its compute breakdown, as PNGs and `analysis.json` in
-    `RUN_DIR/analysis/`. Returns the JSON's content."""
+    `RUN_DIR/analysis/`, from its `checkpoint` (latest, best or a step). Returns the JSON's content."""
     from gconv import autotune
 
     with autotune.static():  # one pass over a few images: timing lowerings would cost more than it saves
-        return _analyze_run(rundir.as_path(run_dir), num_images)
+        return _analyze_run(rundir.as_path(run_dir), num_images, checkpoint)
 
 
-def _analyze_run(run_dir: epath.Path, num_images: int) -> dict[str, Any]:
+def _analyze_run(run_dir: epath.Path, num_images: int, checkpoint: str) -> dict[str, Any]:
     import jax
     import ml_collections
 
     from gconv import analysis, data
-    from gconv.train import build_model
+    from gconv.models import model_from_config
 
     config_path, ckpt_dir = run_dir / "config.json", run_dir / "checkpoints"
     steps = rundir.readable_checkpoint_steps(ckpt_dir)
@@ -124,13 +112,17 @@ def _analyze_run(run_dir: epath.Path, num_images: int) -> dict[str, Any]:
     config = ml_collections.ConfigDict(rundir.read_json(config_path))
     source, info = data.get_source(config.data, "eval")
     batch = next(data.eval_batches(source, info, min(num_images, len(source))))["image"]
-    model = build_model(config, info.num_classes)
-    _, restored = rundir.restore_newest_readable(
-        ckpt_dir, lambda step: rundir.restore_on_host(ckpt_dir / str(step) / "default"), steps)
+    model = model_from_config(config.model, info.num_classes)
+    restore = lambda step: rundir.restore_on_host(ckpt_dir / str(step) / "default")  # noqa: E731
+    if checkpoint == "latest":  # the newest readable one, setting damaged ones aside
+        step, restored = rundir.restore_newest_readable(ckpt_dir, restore, steps)
+    else:
+        step = rundir.choose_checkpoint(run_dir, checkpoint)
+        restored = restore(step)
     variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
     out_dir = run_dir / "analysis"
     out_dir.mkdir(parents=True, exist_ok=True)
-    plt = _pyplot()
+    plt = plots.pyplot()
 
     pairs = []
     layer_pairs = analysis.default_layer_pairs(model)
@@ -143,7 +135,7 @@ def _analyze_run(run_dir: epath.Path, num_images: int) -> dict[str, Any]:
         ax.set_xlabel(layer_b.split("/")[-1], fontsize=8)
         ax.set_ylabel(layer_a.split("/")[-1], fontsize=8)
         fig.tight_layout()
-        _save(fig, out_dir / name)
+        plots.save(fig, out_dir / name)
         pairs.append({"layer_a": layer_a, "layer_b": layer_b, "groups": groups, "score": score, "png": name})
 
     params = jax.tree.map(np.asarray, variables["params"])
@@ -151,7 +143,7 @@ def _analyze_run(run_dir: epath.Path, num_images: int) -> dict[str, Any]:
     ax.imshow(analysis.first_layer_view(params["stem_conv"]["kernel"]), cmap="gray", interpolation="nearest")
     ax.set_title("first-layer filters", fontsize=8)
     ax.axis("off")
-    _save(fig, out_dir / "first_layer.png")
+    plots.save(fig, out_dir / "first_layer.png")
     if pairs:
         *parents, leaf = pairs[0]["layer_b"].split("/")
         kernel = params
@@ -164,48 +156,68 @@ def _analyze_run(run_dir: epath.Path, num_images: int) -> dict[str, Any]:
             ax.set_title(f"group {g}", fontsize=7)
             ax.axis("off")
         fig.suptitle(f"{pairs[0]['layer_b']} kernels by group", fontsize=8)
-        _save(fig, out_dir / "kernels_by_group.png")
+        plots.save(fig, out_dir / "kernels_by_group.png")
 
     stages = analysis.compute_breakdown(model, info.image_shape)
     scores = [p["score"] for p in pairs]
-    result = {"pairs": pairs, "breakdown": stages, "summary": {
+    result = {"step": step, "pairs": pairs, "breakdown": stages, "summary": {
         "block_diagonality": float(np.mean(scores)) if scores else None,
         "chance": float(np.mean([1 / p["groups"] for p in pairs])) if pairs else None}}
     rundir.write_json(out_dir / "analysis.json", result)
     return result
 
 
-def _plot_breakdown(workdir: epath.Path, names: list[str]) -> None:
-    """Stacked bars of MACs per layer kind, one bar per sweep point."""
-    plt = _pyplot()
-    per_point = {}
-    for name in names:
-        path = workdir / name / "analysis" / "analysis.json"
-        if path.exists():
-            kinds: dict[str, float] = {}
-            for stage in rundir.read_json(path)["breakdown"].values():
-                for kind, cost in stage.items():
-                    kinds[kind] = kinds.get(kind, 0.0) + cost["macs"] / 1e6
-            per_point[name] = kinds
-    if not per_point:
-        return
-    all_kinds = sorted({k for kinds in per_point.values() for k in kinds})
-    fig, ax = plt.subplots(figsize=(1.0 * len(per_point) + 3, 4), dpi=120)
-    bottom = np.zeros(len(per_point))
-    for kind in all_kinds:
-        values = np.array([per_point[n].get(kind, 0.0) for n in per_point])
-        ax.bar(list(per_point), values, bottom=bottom, label=kind)
-        bottom += values
-    ax.set_ylabel("MFLOPs (multiply-adds)")
-    ax.set_title("compute by layer kind", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, workdir / "compute_breakdown.png")
+def _breakdown_of(run_dir: epath.Path) -> dict[str, float] | None:
+    """MMACs per layer kind of an analysed run."""
+    path = run_dir / "analysis" / "analysis.json"
+    if not path.exists():
+        return None
+    kinds: dict[str, float] = {}
+    for stage in rundir.read_json(path)["breakdown"].values():
+        for kind, cost in stage.items():
+            kinds[kind] = kinds.get(kind, 0.0) + cost["macs"] / 1e6
+    return kinds
+
+
+def _pm(mean: float, std: float, n: int) -> str:
+    return "-" if not n else f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
+def point_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table, one row per sweep point: its model, n seeds, final and best top-1 error as mean ± std, the
+    difference from the first point with Welch's p-value and verdict."""
+    cells = []
+    for r in rows:
+        verdict = "-" if r["p"] is None else "within noise" if r["p"] >= stats.ALPHA else "differs"
+        cells.append({**r, "final": _pm(r["mean"], r["std"], r["n"]), "best": _pm(r["best_mean"], r["best_std"], r["n"]),
+                      "delta_pp": None if r["delta"] is None else f"{r['delta']:+.2f}",
+                      "p_value": None if r["p"] is None else f"{r['p']:.2f}", "verdict": verdict})
+    fields = list(dict.fromkeys(k for r in rows for k in r.get("fields", {})))
+    columns = FIRST_COLUMNS + [(k, f"field:{k}", "{}") for k in fields] + [
+        ("params", "params", "{:,}"), ("MMACs", "mmacs", "{:,.1f}"), ("seeds", "n", "{}"),
+        ("final top-1 err (%)", "final", "{}"), ("best top-1 err (%)", "best", "{}"),
+        (f"Δ vs {rows[0]['name']} (pp)", "delta_pp", "{}"), ("p (Welch)", "p_value", "{}"), ("verdict", "verdict", "{}"),
+        ("paper top-1 err (%)", "paper_top1_error", "{:.1f}"), ("block-diag. score", "block_diagonality", "{:.3f}"),
+        ("chance", "chance", "{:.3f}"), ("img/s", "img_per_sec", "{:,.0f}")]
+    columns = [c for c in columns if any(_cell(r, c[1], c[2]) != "-" for r in cells)]
+    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r, key, fmt) for _, key, fmt in columns) + " |" for r in cells]
+    return "\n".join(lines)
+
+
+def results(summaries: list[dict[str, Any]]) -> str:
+    """The report's answer: one table row per sweep point (mean ± std when it has several seeds, else one per run)
+    and the noise verdict in words."""
+    rows = stats.point_rows(summaries)
+    table = point_table(rows) if max(r["n"] for r in rows) > 1 else report_table(summaries)
+    return table + "\n\n" + stats.noise_verdict(rows) if len(rows) > 1 else table
 
 
 def write_report(workdir: Any, analyze: bool = True) -> epath.Path:
-    """Writes `report.md`, `error_vs_cardinality.png` (or `error_vs_groups.png`) and `error_vs_mflops.png`; with
-    `analyze`, first runs `analyze_run` on each run and adds its scores, pictures and `compute_breakdown.png`."""
+    """Writes `report.md` with a table per sweep point (mean ± std over seeds, with a test against the first point
+    and its verdict in words), `error_vs_<sweep axis>.png`, `error_vs_mmacs.png` and `learning_curves.png`; with
+    `analyze`, first runs `analyze_run` on each run and adds its scores, pictures and `compute_breakdown.png`.
+    The pictures also go to `WORKDIR/tensorboard` as TensorBoard images."""
     workdir = rundir.as_path(workdir)
     if analyze:
         for summary in load_summaries(workdir):
@@ -213,20 +225,34 @@ def write_report(workdir: Any, analyze: bool = True) -> epath.Path:
     summaries = load_summaries(workdir)
     if not summaries:
         raise FileNotFoundError(f"no finished runs (*/summary.json) under {workdir}: run the sweep first.")
-    x_key = "cardinality" if any(s.get("cardinality") is not None for s in summaries) else "groups"
-    plots = [(x_key, x_key, f"error_vs_{x_key}.png", True), ("mflops", "MFLOPs (multiply-adds)", "error_vs_mflops.png", False)]
-    for key, label, name, log_x in plots:
-        _plot(summaries, key, label, workdir / name, log_x)
-    text = [f"# Report: {workdir.name}", "", report_table(summaries), ""]
-    text += [f"![{name}]({name})" for _, _, name, _ in plots]
+    rows = stats.point_rows(summaries)
+    seeded = max(r["n"] for r in rows) > 1
+    axes = [s["sweep_axis"] for s in summaries if s.get("sweep_axis")]
+    axis = max(set(axes), key=axes.count) if axes else "cardinality"  # the axis most points are swept along
+    pictures = [f"error_vs_{axis}.png", "error_vs_mmacs.png", "learning_curves.png"]
+    plots.error_vs(rows, lambda r: r.get(f"field:{axis}"), axis, workdir / pictures[0], axis != "width")
+    plots.error_vs(rows, lambda r: r.get("mmacs"), "MMACs (multiply-adds)", workdir / pictures[1], False)
+    curves = {point: [rundir.read_metrics(workdir / r["name"] / "metrics.jsonl") for r in runs]
+              for point, runs in stats.group_by_point(summaries).items()}
+    plots.learning_curves(curves, workdir / pictures[2])
+    text = [f"# Report: {workdir.name}", "", results(summaries), ""] + [f"![{name}]({name})" for name in pictures]
+    if seeded:
+        text += ["", "## Runs", "", report_table(summaries)]
     if analyze:
-        _plot_breakdown(workdir, [s["name"] for s in summaries])
-        text += ["", "![compute_breakdown.png](compute_breakdown.png)", "", "## What the groups learn",
+        first = {point: runs[0]["name"] for point, runs in stats.group_by_point(summaries).items()}
+        breakdowns = {point: _breakdown_of(workdir / name) for point, name in first.items()}
+        if any(breakdowns.values()):
+            plots.compute_bars({p: b for p, b in breakdowns.items() if b}, workdir / "compute_breakdown.png")
+            pictures.append("compute_breakdown.png")
+            text += ["", "![compute_breakdown.png](compute_breakdown.png)"]
+        text += ["", "## What the groups learn",
                  "Block-diagonality: the share of |correlation| between a layer's filter responses and the next "
-                 "(grouped) layer's that falls inside the group blocks; `chance` is 1/groups. See docs/analysis.md."]
-        for s in summaries:
-            pngs = sorted((workdir / s["name"] / "analysis").glob("*.png"))
-            text += ["", f"### {s['name']}"] + [f"![{p.name}]({s['name']}/analysis/{p.name})" for p in pngs]
+                 "(grouped) layer's that falls inside the group blocks; `chance` is 1/groups. See docs/analysis.md."
+                 + (" Pictures of each point's first seed." if seeded else "")]
+        for point, name in first.items():
+            pngs = sorted((workdir / name / "analysis").glob("*.png"))
+            text += ["", f"### {point}"] + [f"![{p.name}]({name}/analysis/{p.name})" for p in pngs]
     path = workdir / "report.md"
     rundir.write_text(path, "\n".join(text) + "\n")
+    tensorboard.write_images(workdir / "tensorboard", {name: workdir / name for name in pictures})
     return path

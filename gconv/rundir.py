@@ -19,8 +19,9 @@ from typing import Any, Callable, Sequence
 
 from etils import epath
 
-__all__ = ["as_path", "to_json", "write_text", "write_json", "read_json", "read_jsonl", "MetricsLog", "RunLock",
-           "RunDirError", "readable_checkpoint_steps", "restore_newest_readable", "restore_on_host"]
+__all__ = ["cache_dir", "as_path", "to_json", "write_text", "write_json", "read_json", "read_jsonl", "read_metrics",
+           "MetricsLog", "RunLock", "RunDirError", "check_config", "readable_checkpoint_steps", "restore_newest_readable",
+           "restore_on_host", "PendingMetrics", "checkpoint_options", "choose_checkpoint"]
 
 
 class RunDirError(Exception):
@@ -31,6 +32,13 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     """An `epath.Path` for a local path (made absolute, `~` expanded) or a URL (`gs://bucket/dir`, `s3://...`)."""
     text = os.fspath(path)
     return epath.Path(text if "://" in text else os.path.abspath(os.path.expanduser(text)))
+
+
+def cache_dir(kind: str = "weights") -> str:
+    """gconv's cache of `kind` ("weights", "xla"): `$GCONV_CACHE/kind`, else under `$XDG_CACHE_HOME` or `~/.cache`."""
+    root = os.environ.get("GCONV_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gconv")
+    return os.path.join(root, kind)
 
 
 def _finite(value: Any) -> Any:
@@ -89,21 +97,34 @@ def read_jsonl(path: epath.Path) -> list[dict]:
     return records
 
 
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a run's `metrics.jsonl` (a torn last line is dropped with a warning)."""
+    return read_jsonl(as_path(path))
+
+
 class MetricsLog:
-    """`metrics.jsonl`: kept in memory and rewritten atomically on each record (object storage cannot append).
-    On resume, records past the restored step are dropped."""
+    """`metrics.jsonl`: kept in memory and rewritten atomically on each record (object storage cannot append),
+    mirrored as TensorBoard scalars in `tensorboard/` beside it. On resume, records past the restored step are
+    dropped from both."""
 
     def __init__(self, path: epath.Path, resume_step: int, enabled: bool):
+        from gconv.tensorboard import EventLog
+
         self.path, self.enabled = path, enabled
         self.records = [r for r in read_jsonl(path) if r["step"] <= resume_step] if path.exists() else []
         self.wall_offset = max((r.get("wall_time") or 0.0 for r in self.records), default=0.0)
         if enabled and path.exists():
             self._flush()
+        self.events = EventLog(path.parent / "tensorboard", self.records, enabled=enabled)
 
     def write(self, record: dict) -> None:
         self.records.append(record)
         if self.enabled:
             self._flush()
+            self.events.write(record)
+
+    def close(self) -> None:
+        self.events.close()
 
     def _flush(self) -> None:
         write_text(self.path, "".join(to_json(r) + "\n" for r in self.records))
@@ -228,3 +249,86 @@ def restore_on_host(item_dir: epath.Path) -> Any:
         primary_host=me, active_processes={me}))
     tree = ocp.StandardCheckpointHandler().metadata(item_dir).tree
     return checkpointer.restore(item_dir, jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree))
+
+
+def checkpoint_options(keep: int):
+    """Orbax options keeping the newest `keep` checkpoints and, besides them, the one with the lowest eval top-1
+    error (checkpoints saved at an evaluation carry it as their metric)."""
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
+
+    best = policies.BestN(get_metric_fn=lambda m: -m["eval_top1_error"], n=1,  # keeps the n largest: -error
+                          keep_checkpoints_without_metrics=False)
+    return ocp.CheckpointManagerOptions(create=True, preservation_policy=policies.AnyPreservationPolicy(
+        [policies.LatestN(n=keep), best]))
+
+
+def choose_checkpoint(run_dir: epath.Path, which: str = "latest") -> int:
+    """The step of a run's checkpoint: "latest" (the newest readable), "best" (the lowest eval top-1 error among the
+    readable ones; the latest of ties, as orbax keeps it) or a step number."""
+    steps = readable_checkpoint_steps(run_dir / "checkpoints")
+    if not steps:
+        raise FileNotFoundError(f"{run_dir} has no readable checkpoint: pass the directory of a run that has trained.")
+    if which == "latest":
+        return steps[-1]
+    if which == "best":
+        path = run_dir / "metrics.jsonl"
+        errors = {r["step"]: r["eval_top1_error"] for r in (read_jsonl(path) if path.exists() else [])
+                  if r.get("eval_top1_error") is not None and r["step"] in steps}
+        if not errors:
+            raise FileNotFoundError(f"{run_dir}: no checkpoint was saved at an evaluation; use --checkpoint latest.")
+        return min(errors, key=lambda step: (errors[step], -step))
+    if not which.isdigit() or int(which) not in steps:
+        raise ValueError(f"checkpoint {which!r} is not in {run_dir}: use latest, best or one of the steps {steps}.")
+    return int(which)
+
+
+# Where a run executes, not what it computes (mesh, step transform, input threads): free to change on resume.
+_PLACEMENT = ("mesh", "parallel")
+
+
+def _what(config_json: dict) -> dict:
+    data = {k: v for k, v in config_json.get("data", {}).items() if k != "num_workers"}
+    return {k: v for k, v in config_json.items() if k not in _PLACEMENT} | {"data": data}
+
+
+def check_config(run_dir: epath.Path, config_json: dict) -> None:
+    """Refuses a run directory whose training was done with a different configuration (`config_json`: the new
+    config as JSON). A `config.json` left by a start that trained nothing (no checkpoint, no metrics) does not
+    block, and neither do placement keys."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    old, new = _what(read_json(path)), _what(config_json)
+    differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    trained = readable_checkpoint_steps(run_dir / "checkpoints") or (run_dir / "metrics.jsonl").exists()
+    if differing and trained:
+        raise ValueError(f"{run_dir} holds a run with a different config (top-level keys differing: {differing}). "
+                         f"Resume it with the same config, or pass a new --workdir; nothing was changed.")
+
+
+class PendingMetrics:
+    """The metrics of the steps trained since the last log line, saved beside each checkpoint (`pending.json`) so
+    that a resumed run's next log line covers exactly the steps an uninterrupted run's would."""
+
+    def __init__(self, run_dir: epath.Path, start_step: int, enabled: bool = True):
+        self.path, self.enabled = run_dir / "pending.json", enabled
+        saved = read_json(self.path) if self.path.exists() else {}
+        self.steps: list[tuple[int, dict]] = [tuple(p) for p in saved.get("metrics", [])] if saved.get(
+            "step") == start_step else []
+
+    def fetch(self) -> None:
+        """Brings the pending metrics to the host, checking that they are finite."""
+        host = [(step, {k: float(v) for k, v in m.items()}) for step, m in self.steps]
+        for step, metrics in host:
+            bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+            if bad:
+                raise FloatingPointError(
+                    f"non-finite training metrics {bad} at step {step + 1}. The run stopped; the last good checkpoint "
+                    f"is kept. Lower optim.learning_rate, add warmup (optim.warmup_epochs) or check the data.")
+        self.steps = host
+
+    def save(self, step: int) -> None:
+        """Records the pending steps of a checkpoint at `step`."""
+        if self.enabled:
+            write_json(self.path, {"step": step, "metrics": [list(p) for p in self.steps]})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gconv import analysis
-from gconv.complexity import count_flops
+from gconv.complexity import count_macs
 from gconv.layers import GroupedConv
 from gconv.models import create_model
 
@@ -80,10 +80,10 @@ def test_kernel_views_shapes_and_group_order():
 
 
 @pytest.mark.parametrize("name", ["resnext50_32x4d", "shufflenet_g3_w1"])
-def test_breakdown_sums_to_count_flops(name):
+def test_breakdown_sums_to_count_macs(name):
     model = create_model(name)
     table = analysis.compute_breakdown(model, (224, 224, 3))
-    assert sum(c["macs"] for stage in table.values() for c in stage.values()) == count_flops(model, (224, 224, 3))
+    assert sum(c["macs"] for stage in table.values() for c in stage.values()) == count_macs(model, (224, 224, 3))
     grouped = sum(stage.get("grouped", {}).get("macs", 0) for stage in table.values())
     assert grouped > 0
 

@@ -12,7 +12,7 @@ from gconv.models import model_spec
 def test_every_experiment_loads_and_its_sweep_names_real_models(path, arg):
     config, sweep = load_experiment(path + arg)
     runs = expand_sweep(config, sweep, {})
-    assert len(runs) == len(sweep) >= 2
+    assert len(runs) == len(sweep) * config.seeds and len(sweep) >= 2
     for _, point_config in runs:
         model_spec(point_config.model.name)  # raises on a bad name
 
@@ -26,12 +26,23 @@ def test_default_sweep_preserves_complexity():
 def test_overrides_are_typed_and_command_line_wins_over_the_point():
     config, sweep = load_experiment("experiments/default.py")
     runs = expand_sweep(config, sweep, {"optim.learning_rate": "0.5", "model.base_width": "7",
-                                        "data.augment": "true", "optim.decay_epochs": "(10, 20)"}, points=["c4", "0"])
+                                        "data.augment": "true", "optim.decay_epochs": "(10, 20)", "seeds": "1"},
+                        points=["c4", "0"])
     assert [name for name, _ in runs] == ["c4", "c1"]
     c4 = runs[0][1]
     assert c4.model.cardinality == 4 and c4.model.base_width == 7  # point, then command line
     assert c4.optim.learning_rate == 0.5 and c4.data.augment is True and c4.optim.decay_epochs == (10, 20)
     assert config.optim.learning_rate != 0.5  # the base config is untouched
+
+
+def test_seeds_make_one_resumable_run_each():
+    config, sweep = load_experiment("experiments/default.py")
+    assert config.seeds == 3
+    runs = expand_sweep(config, sweep, {"seed": "5", "seeds": "2"}, points=["c4", "c1"])
+    assert [name for name, _ in runs] == ["c4_seed5", "c4_seed6", "c1_seed5", "c1_seed6"]
+    assert [c.seed for _, c in runs] == [5, 6, 5, 6] and {c.model.cardinality for _, c in runs[:2]} == {4}
+    with pytest.raises(ValueError, match="seeds=0 must be >= 1"):
+        expand_sweep(config, sweep, {"seeds": "0"})
 
 
 def test_unknown_key_names_the_closest_valid_keys():

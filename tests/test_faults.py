@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gconv.train import read_metrics
-from launcher import TINY, has_content, launch, start, strip_timing, wait_until
+from gconv.rundir import read_metrics
+from conftest import TINY, has_content, launch, start, strip_timing, wait_until
 
 
 @pytest.mark.parametrize("override,key", [
@@ -111,6 +111,7 @@ def test_second_launch_is_refused_and_a_dead_holder_is_taken_over(cli, tmp_path,
     assert not (tmp_path / "c2" / "lock.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_then_resume_equals_an_uninterrupted_run(tmp_path, sig, code):
     args = [*TINY, "--config.num_steps=120", "--config.checkpoint_every_steps=50", "--config.log_every_steps=7",

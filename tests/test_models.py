@@ -5,8 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from gconv.complexity import breakdown, count_flops, count_params, layer_costs, preserving_width
-from gconv.models import create_model, list_models, model_spec
+from gconv.complexity import breakdown, count_macs, count_params, layer_costs, preserving_width
+from gconv.models import create_model, family_of, list_models, model_from_config, model_spec
 
 
 def _abstract_params(model, res=224):
@@ -67,12 +67,12 @@ def test_resnext50_param_count_arithmetic():
 @pytest.mark.parametrize("name,gmacs", [("resnext50_32x4d", 4.2305), ("shufflenet_v2_x1_0", 0.1449),
                                         ("resnext101_32x8d", 16.4140), ("shufflenet_v2_x0_5", 0.0405)])
 def test_flops_within_2_percent_of_torchvision(name, gmacs):
-    assert abs(count_flops(create_model(name), (224, 224, 3)) / 1e9 - gmacs) / gmacs < 0.02
+    assert abs(count_macs(create_model(name), (224, 224, 3)) / 1e9 - gmacs) / gmacs < 0.02
 
 
 @pytest.mark.parametrize("groups,mflops", [(1, 143), (2, 140), (3, 137), (4, 133), (8, 137)])
 def test_shufflenet_v1_complexity_near_paper_table2(groups, mflops):
-    ours = count_flops(create_model(f"shufflenet_g{groups}_w1"), (224, 224, 3)) / 1e6
+    ours = count_macs(create_model(f"shufflenet_g{groups}_w1"), (224, 224, 3)) / 1e6
     assert abs(ours - mflops) / mflops < 0.035, ours
 
 
@@ -85,7 +85,7 @@ def test_preserving_width_reproduces_resnext_table2():
 def test_breakdown_sums_to_totals():
     model = create_model("resnext11_8x4d")
     table = breakdown(model, (32, 32, 3))
-    assert sum(v["macs"] for v in table.values()) == count_flops(model, (32, 32, 3))
+    assert sum(v["macs"] for v in table.values()) == count_macs(model, (32, 32, 3))
     # Conv/dense weights plus BN parameters (2 per channel) make up every parameter.
     conv_params = sum(v["params"] for v in table.values())
     params = _abstract_params(model, 32)
@@ -191,3 +191,62 @@ def test_shufflenet_shuffle_switch_changes_function_not_params():
     variables = on.init(jax.random.PRNGKey(0), x)
     assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, off.init(jax.random.PRNGKey(0), x))
     assert not np.allclose(on.apply(variables, x), off.apply(variables, x))
+
+
+def test_bare_names_take_their_fields_and_configs_say_each_field_once():
+    full = create_model("resnext29_8x64d")
+    assert create_model("resnext29", cardinality=8, base_width=64) == full
+    assert create_model("shufflenet_v1", groups=8, width_multiplier=0.25) == create_model("shufflenet_g8_wd4")
+    with pytest.raises(ValueError, match=r"resnext29 needs \['cardinality', 'base_width'\]"):
+        create_model("resnext29")
+    with pytest.raises(ValueError, match=r"already fixes \['cardinality'\].*resnext\{depth\}"):
+        model_from_config({"name": "resnext29_8x64d", "cardinality": 16}, 10)
+    model = model_from_config({"name": "resnext29", "cardinality": 16, "base_width": 4, "dtype": "bfloat16"}, 100)
+    family = family_of(model)
+    assert family.name_of(model) == "resnext29_16x4d" and model.num_classes == 100 and model.dtype == jnp.bfloat16
+    assert family.fields_of(model) == {"cardinality": 16, "width d": 4} and family.groups_of(model) == 16
+
+
+@pytest.mark.parametrize("name", ["resnext11_8x4d", "resnext50_32x4d", "shufflenet_g3_wd4", "shufflenet_g8_w1",
+                                  "shufflenet_v2_x0_5", "shufflenet_v2_x1_5"])
+def test_each_name_round_trips_through_its_family(name):
+    model = create_model(name)
+    assert family_of(model).name_of(model) == name
+    assert family_of(name) is family_of(type(model)) is family_of(model)
+    noshuffle = create_model("shufflenet_g3_w1", shuffle=False)
+    assert family_of(noshuffle).name_of(noshuffle) == "shufflenet_g3_w1_noshuffle"
+
+
+def test_the_family_of_docs_models_md_registers_and_runs_everywhere():
+    """docs/models.md's "Adding a family" example, as written there: one module plus `register`."""
+    import re
+    import types
+
+    from conftest import ROOT
+    from gconv import analysis, parallel
+    from gconv.convert import torch_key
+    from gconv.models import FAMILIES, register
+
+    text = (ROOT / "docs" / "models.md").read_text().split("## Adding a family", 1)[1]
+    module = types.ModuleType("plaingroup")
+    exec(re.search(r"```python\n(.*?)```", text, re.S).group(1), module.__dict__)
+    register(module.FAMILY)
+    try:
+        with pytest.raises(ValueError, match="registered already"):
+            register(module.FAMILY)
+        assert list_models("plain*") == ["plaingroup_g4"]
+        model = model_from_config({"name": "plaingroup", "groups": 8}, 10)
+        assert family_of(model).name_of(model) == "plaingroup_g8"
+        x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+        variables = model.init(jax.random.PRNGKey(1), x)
+        assert model.apply(variables, x).shape == (2, 10)
+        layers = [layer.path for layer in layer_costs(model, (16, 16, 3))]
+        assert layers == ["stem_conv", "stage1_conv", "stage2_conv", "stage3_conv", "head"]
+        [(corr, _, groups)] = analysis.filter_correlations(model, variables, x, analysis.default_layer_pairs(model)[:1])
+        assert corr.shape == (32, 64) and groups == 8
+        with pytest.raises(ValueError, match="no PyTorch layout is known for the plaingroup family"):
+            torch_key(model, ("head", "kernel"))
+        with pytest.raises(ValueError, match="PlainGroupedNet has no group-parallel form"):
+            parallel.group_parallel_rules(model)
+    finally:
+        FAMILIES.remove(module.FAMILY)

@@ -7,8 +7,8 @@ import signal
 import numpy as np
 import pytest
 
-from gconv.train import read_metrics
-from launcher import free_port, has_content, launch, start, strip_timing, wait_until
+from gconv.rundir import read_metrics
+from conftest import free_port, has_content, launch, start, strip_timing, wait_until
 
 RUN = ["--config", "experiments/default.py:local", "--point", "c2", "--config.mesh.data=-1", "--config.num_steps=6",
        "--config.log_every_steps=2"]
@@ -38,6 +38,7 @@ def _assert_close(one, two):
                 np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=f"step {a['step']} {key}")
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_stop_together_and_resume_exactly(tmp_path):
     args = [*RUN[:-2], "--config.num_steps=30", "--config.log_every_steps=2", "--config.checkpoint_every_steps=1000",
             "--config.eval_every_steps=1000"]
@@ -72,6 +73,7 @@ def test_two_processes_train_as_one_stop_together_and_resume_exactly(tmp_path):
     assert strip_timing(stopped) == strip_timing(two)
 
 
+@pytest.mark.slow
 def test_a_failure_in_one_process_ends_both_naming_it(tmp_path):
     port = free_port()
     four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -101,6 +103,7 @@ def test_bad_multiprocess_settings_stop_in_one_line(cli, monkeypatch, capsys, tm
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_groups_split_across_the_two_processes(tmp_path):
     """Group parallel on a data=4, model=2 mesh whose `model` axis spans the two processes (`model_major`): each
     process holds one half of every group pair and reads the whole batch; the metrics are those of one process with
@@ -116,6 +119,7 @@ def test_groups_split_across_the_two_processes(tmp_path):
                   read_metrics(tmp_path / "two" / "c4" / "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_multiprocess_with_no_cluster_says_what_to_pass(tmp_path):
     env = {k: "" for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
     proc = launch(*RUN, "--workdir", str(tmp_path / "w"), "--multiprocess", env=env, check=False, timeout=120)

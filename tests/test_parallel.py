@@ -9,10 +9,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from gconv import parallel, train
+from gconv.collectives import GroupSplit
 from gconv.config import base_config
 from gconv.models import create_model
 
-from launcher import TINY, checkpoint_steps, launch
+from conftest import TINY, checkpoint_steps, launch
 
 
 def _max_diff(a, b):
@@ -111,6 +112,7 @@ def test_checkpoint_from_8_devices_restores_onto_another_mesh(setup, tmp_path, t
     assert leaf.sharding.mesh.devices.size == mesh.devices.size
 
 
+@pytest.mark.slow
 def test_cli_run_on_8_devices_resumes_on_1(tmp_path):
     args = TINY[:-1] + ["--workdir", str(tmp_path), "--config.num_steps=10", "--config.checkpoint_every_steps=5"]
     launch(*args, "--config.mesh.data=8")
@@ -124,16 +126,16 @@ def test_cli_run_on_8_devices_resumes_on_1(tmp_path):
 # --- group parallel ---------------------------------------------------------------------------------------------
 
 def test_sharded_channel_shuffle_equals_channel_shuffle():
-    from gconv import ops
+    from gconv import collectives, ops
 
     mesh = parallel.make_mesh({"data": 1, "model": 4})
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 64))  # 8 groups of 8 channels, 2 groups per device
     spec = jax.sharding.PartitionSpec(None, None, parallel.MODEL)
-    sharded = jax.shard_map(lambda v: ops.sharded_channel_shuffle(v, 8, parallel.MODEL, 4), mesh=mesh,
+    sharded = jax.shard_map(lambda v: collectives.sharded_channel_shuffle(v, 8, parallel.MODEL, 4), mesh=mesh,
                             in_specs=spec, out_specs=spec, check_vma=False)
     np.testing.assert_array_equal(jax.jit(sharded)(x), ops.channel_shuffle(x, 8))
     with pytest.raises(ValueError, match="cannot be split over 4 devices"):
-        ops.sharded_channel_shuffle(jnp.zeros((2, 9)), 6, parallel.MODEL, 4)
+        collectives.sharded_channel_shuffle(jnp.zeros((2, 9)), 6, parallel.MODEL, 4)
 
 
 @pytest.mark.parametrize("name", ["resnext11_8x4d", "shufflenet_g8_w1"])
@@ -144,7 +146,7 @@ def test_group_parallel_train_step_on_a_2x4_mesh_equals_one_device(name):
     config = base_config()
     kw = dict(num_classes=10, stage_sizes=(1, 1, 1))
     single = create_model(name, **kw)
-    local = create_model(name, axis_name=parallel.DATA, model_axis=parallel.MODEL, model_size=4, **kw)
+    local = create_model(name, axis_name=parallel.DATA, group_split=GroupSplit(parallel.MODEL, 4), **kw)
     tx, schedule = train.create_optimizer(config.optim, 10, 100)
     state = train.create_train_state(single, tx, (32, 32, 3), 0)
     batch = {"image": 1.0 + jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3)), "label": jnp.arange(8) % 10}
@@ -175,6 +177,7 @@ def test_group_parallel_refuses_what_it_cannot_split():
         parallel.group_parallel_rules(create_model("shufflenet_v2_x0_5"))
 
 
+@pytest.mark.slow
 def test_cli_group_parallel_run_and_preflight(tmp_path):
     proc = launch(*TINY[:-1], "--workdir", str(tmp_path), "--config.num_steps=4", "--config.mesh.data=4",
                   "--config.mesh.model=2")

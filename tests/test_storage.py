@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from launcher import ROOT, TINY, free_port, launch, start, wait_until
+from conftest import ROOT, TINY, free_port, launch, start, wait_until
 
 BUCKET = "gconv-test"
+
+pytestmark = pytest.mark.slow  # starts a storage emulator and trains through it
 
 
 def _binary() -> Path:

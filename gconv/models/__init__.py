@@ -1,85 +1,111 @@
-"""Model registry: `create_model(name, **overrides)` and `list_models(pattern)`.
+"""Model registry: `create_model(name, **overrides)`, `list_models(pattern)` and each family's knowledge
+(`family_of`), looked up from the families registered here.
 
-Names:
-  resnext{depth}_{C}x{d}d   depth 50/101/152 (ImageNet, torchvision structure), 29 (CIFAR, paper section 5.3) or
-                            11 (a tiny CIFAR-style variant: one block per stage, planes 16/32/64); any C and d.
-  shufflenet_g{g}_w{w}      ShuffleNet v1, g in 1/2/3/4/8, w in 2, 3d2, 1, 3d4, d2, d4 (2x ... 0.25x).
-  shufflenet_v2_x{0_5,1_0,1_5,2_0}
-Overrides are the model's fields (`num_classes`, `dtype`, `param_dtype`, `bn_momentum`, `bn_epsilon`,
-`axis_name`, ...); one the model does not take raises `ValueError`.
+Names (see each family's module):
+  resnext{depth}_{C}x{d}d, resnext{depth}     gconv.models.resnext: depth 11/29 (CIFAR), 50/101/152 (ImageNet)
+  shufflenet_g{g}_w{w}, shufflenet_v1         gconv.models.shufflenet
+  shufflenet_v2_x{0_5,1_0,1_5,2_0}, shufflenet_v2   gconv.models.shufflenet_v2
+A name without its defining numbers (`resnext29`) takes them as arguments (`cardinality=8, base_width=64`).
+Overrides are the model's fields (`num_classes`, `dtype`, `bn_momentum`, `axis_name`, ...); one the model does
+not take raises `ValueError`.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import fnmatch
-import re
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
+import jax.numpy as jnp
 
+from gconv.models import resnext, shufflenet, shufflenet_v2
+from gconv.models.common import ModelFamily
 from gconv.models.resnext import ResNeXt, ResNeXtBottleneck
-from gconv.models.shufflenet import ShuffleNetV1, ShuffleNetV2, ShuffleUnit, shufflenet_v1_channels
+from gconv.models.shufflenet import ShuffleNetV1, ShuffleUnit, shufflenet_v1_channels
+from gconv.models.shufflenet_v2 import InvertedResidual, ShuffleNetV2
 
-__all__ = ["create_model", "list_models", "model_spec", "ResNeXt", "ResNeXtBottleneck", "ShuffleNetV1",
-           "ShuffleNetV2", "ShuffleUnit", "shufflenet_v1_channels"]
+__all__ = ["create_model", "model_from_config", "list_models", "model_spec", "family_of", "register", "FAMILIES",
+           "ModelFamily", "ResNeXt", "ResNeXtBottleneck", "ShuffleNetV1", "ShuffleUnit", "ShuffleNetV2",
+           "InvertedResidual", "shufflenet_v1_channels"]
 
-RESNEXT_DEPTHS = {
-    11: dict(stage_sizes=(1, 1, 1), stem="cifar", stem_features=16, base_planes=16, num_classes=10),
-    29: dict(stage_sizes=(3, 3, 3), stem="cifar", stem_features=64, base_planes=64, num_classes=10),
-    50: dict(stage_sizes=(3, 4, 6, 3)),
-    101: dict(stage_sizes=(3, 4, 23, 3)),
-    152: dict(stage_sizes=(3, 8, 36, 3)),
-}
-V1_WIDTHS = {"2": 2.0, "3d2": 1.5, "1": 1.0, "3d4": 0.75, "d2": 0.5, "d4": 0.25}
-V2_WIDTHS = {"0_5": 0.5, "1_0": 1.0, "1_5": 1.5, "2_0": 2.0}
+FAMILIES: list[ModelFamily] = [resnext.FAMILY, shufflenet.FAMILY, shufflenet_v2.FAMILY]
 
-_NAMED_RESNEXT = ["resnext11_8x4d", "resnext29_8x64d", "resnext29_16x64d", "resnext50_32x4d", "resnext101_32x4d",
-                  "resnext101_32x8d", "resnext101_64x4d", "resnext152_32x4d"]
-_REGISTERED = (
-    _NAMED_RESNEXT
-    + [f"shufflenet_g{g}_w{w}" for g in (1, 2, 3, 4, 8) for w in V1_WIDTHS]
-    + [f"shufflenet_v2_x{w}" for w in V2_WIDTHS]
-)
 
-_RESNEXT_RE = re.compile(r"resnext(\d+)_(\d+)x(\d+)d")
-_V1_RE = re.compile(r"shufflenet_g(\d+)_w(\w+)")
-_V2_RE = re.compile(r"shufflenet_v2_x(\w+)")
+def register(family: ModelFamily) -> ModelFamily:
+    """Adds a family defined outside gconv (see docs/models.md); its names must not be taken already."""
+    if any(f.name == family.name for f in FAMILIES):
+        raise ValueError(f"a model family named {family.name!r} is registered already.")
+    taken = [v for v in family.variants if any(f.parse(v) is not None for f in FAMILIES)]
+    if taken:
+        raise ValueError(f"family {family.name!r}: the names {taken} belong to a registered family already.")
+    FAMILIES.append(family)
+    return family
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered names matching a shell-style `pattern` (`list_models('resnext*')`). Any `resnext{depth}_{C}x{d}d`
     with a known depth also builds, listed or not."""
-    return [name for name in _REGISTERED if fnmatch.fnmatchcase(name, pattern)]
+    return [name for family in FAMILIES for name in family.variants if fnmatch.fnmatchcase(name, pattern)]
 
 
-def _unknown(name: str) -> ValueError:
-    close = difflib.get_close_matches(name, _REGISTERED, n=3, cutoff=0.4)
-    return ValueError(f"unknown model {name!r}; closest: {close}. `gconv.models.list_models()` lists them all, and "
-                      f"any resnext{{{','.join(map(str, RESNEXT_DEPTHS))}}}_{{C}}x{{d}}d builds.")
+def _lookup(name: str) -> tuple[ModelFamily, dict[str, Any]]:
+    for family in FAMILIES:
+        kwargs = family.parse(name)
+        if kwargs is not None:
+            return family, kwargs
+    close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.4)
+    raise ValueError(f"unknown model {name!r}; closest: {close}. `gconv.models.list_models()` lists them all, and "
+                     f"any resnext{{{','.join(map(str, resnext.DEPTHS))}}}_{{C}}x{{d}}d builds.")
 
 
 def model_spec(name: str) -> tuple[type[nn.Module], dict[str, Any]]:
     """The module class and constructor arguments a registered name stands for."""
-    if m := _RESNEXT_RE.fullmatch(name):
-        depth, cardinality, width = map(int, m.groups())
-        if depth not in RESNEXT_DEPTHS or cardinality < 1 or width < 1:
-            raise _unknown(name)
-        return ResNeXt, dict(RESNEXT_DEPTHS[depth], cardinality=cardinality, base_width=width)
-    if (m := _V2_RE.fullmatch(name)) and m.group(1) in V2_WIDTHS:
-        return ShuffleNetV2, dict(width_multiplier=V2_WIDTHS[m.group(1)])
-    if (m := _V1_RE.fullmatch(name)) and m.group(2) in V1_WIDTHS and int(m.group(1)) in (1, 2, 3, 4, 8):
-        return ShuffleNetV1, dict(groups=int(m.group(1)), width_multiplier=V1_WIDTHS[m.group(2)])
-    raise _unknown(name)
+    family, kwargs = _lookup(name)
+    return family.module, kwargs
+
+
+def family_of(model: nn.Module | type | str) -> ModelFamily:
+    """The registered family of a module, a module class or a model name."""
+    if isinstance(model, str):
+        return _lookup(model)[0]
+    cls = model if isinstance(model, type) else type(model)
+    for family in FAMILIES:
+        if issubclass(cls, family.module):
+            return family
+    raise ValueError(f"{cls.__name__} is not a registered model family: register its ModelFamily in "
+                     f"gconv.models.FAMILIES (see docs/models.md).")
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Builds a registered model; `overrides` replace its fields (e.g. `num_classes=10, dtype=jnp.bfloat16`)."""
-    cls, kwargs = model_spec(name)
-    fields = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
+    family, kwargs = _lookup(name)
+    fields = [f.name for f in dataclasses.fields(family.module) if f.init and f.name not in ("parent", "name")]
     bad = [k for k in overrides if k not in fields]
     if bad:
         hints = {k: difflib.get_close_matches(k, fields, n=2) for k in bad}
-        raise ValueError(f"{name} ({cls.__name__}) takes no argument(s) {bad} (closest: {hints}); "
+        raise ValueError(f"{name} ({family.module.__name__}) takes no argument(s) {bad} (closest: {hints}); "
                          f"its fields are {fields}.")
-    return cls(**{**kwargs, **overrides})
+    kwargs = {**kwargs, **overrides}
+    required = [f.name for f in dataclasses.fields(family.module)
+                if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                and f.name not in ("parent", "name") and f.name not in kwargs]
+    if required:
+        raise ValueError(f"{name} needs {required}: pass them (create_model({name!r}, "
+                         f"{', '.join(f'{k}=...' for k in required)})) or use a full name such as "
+                         f"{family.variants[0]!r}.")
+    return family.module(**kwargs)
+
+
+def model_from_config(model_config: Mapping[str, Any], num_classes: int, **overrides: Any) -> nn.Module:
+    """A config's model: `name` plus every other key as a field (`dtype` given by name). A key that the name already
+    fixes (`name="resnext29_8x64d"` with `cardinality`) is refused: say it once."""
+    name = model_config["name"]
+    family, fixed = _lookup(name)
+    twice = sorted(k for k in model_config if k in fixed and k in family.name_fields)
+    if twice:
+        raise ValueError(f"model.name={name!r} already fixes {twice}, which the config sets too: name the model "
+                         f"without them ({family.bare_name}) and keep model.{twice[0]}=..., or drop model.{twice[0]}.")
+    kwargs = {k: v for k, v in model_config.items() if k != "name"}
+    kwargs["dtype"] = jnp.dtype(kwargs.get("dtype", "float32"))
+    return create_model(name, num_classes=num_classes, **{**kwargs, **overrides})

@@ -1,18 +1,57 @@
-"""Pieces every model shares: the conv/norm factories and PyTorch-style pooling."""
+"""Pieces every model family shares: the `ModelFamily` record that registers it, the fields and factories of a
+classifier (conv with its group split, BatchNorm), a stage of blocks, PyTorch-style pooling and the head."""
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gconv import ops
+from gconv.collectives import NO_SPLIT, GroupSplit
 from gconv.layers import GroupedConv
 
 ModuleDef = Callable[..., nn.Module]
+LayerPath = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """What gconv knows about a family of models, kept beside its module class and registered in `gconv.models`.
+
+    name: the family's name ("resnext").
+    module: the `nn.Module` class.
+    parse: registry name -> constructor arguments, or None when the name is not this family's.
+    variants: the registered names, listed by `list_models`.
+    name_fields: the fields a full name fixes (`resnext50_32x4d`: cardinality, base_width); a config naming a full
+      name may not set them again.
+    bare_name: the name without those fields, which takes them as arguments ("resnext{depth}").
+    name_of: a built module -> its full name (the run's name in reports).
+    fields_of: a built module -> the report's columns for it, in order (`{"cardinality": 32, "width d": 4}`).
+    sweep_axis: the key of `fields_of` that ablations plot against.
+    torch_name: a gconv module path (`("stage1", "block0", "conv_group")`) -> the PyTorch module name in the
+      layout of the family's reference code (`"layer1.0.conv2"`); None: no PyTorch weights to convert.
+    split_rules: group parallel's `(path regex, partition)` rules (empty: no group-parallel form).
+    groups_of: a built module -> the groups that group parallelism splits over devices.
+    layer_pairs: a built module -> the (layer, next grouped layer) paths whose filter correlations the analysis
+      reports.
+    """
+    name: str
+    module: type
+    parse: Callable[[str], dict | None]
+    variants: Sequence[str]
+    name_fields: Sequence[str]
+    bare_name: str
+    name_of: Callable[[Any], str]
+    fields_of: Callable[[Any], dict[str, Any]]
+    sweep_axis: str
+    torch_name: Callable[[LayerPath], str] | None = None
+    split_rules: tuple = ()
+    groups_of: Callable[[Any], int] = lambda model: 1
+    layer_pairs: Callable[[Any], list[tuple[str, str]]] = lambda model: []
 
 
 def torch_padding(kernel: int, dilation: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -21,12 +60,31 @@ def torch_padding(kernel: int, dilation: int = 1) -> tuple[tuple[int, int], tupl
     return ((p, p), (p, p))
 
 
-def conv_factory(dtype: Any, param_dtype: Any) -> ModuleDef:
-    """Bias-free grouped conv with PyTorch's padding: `conv(features, k, groups=1, strides=1, name=...)`."""
+def conv_factory(dtype: Any, param_dtype: Any, group_split: GroupSplit = NO_SPLIT) -> ModuleDef:
+    """Bias-free grouped conv with PyTorch's padding: `conv(features, k, groups=1, strides=1, split=None, name=...)`.
 
-    def conv(features: int, kernel: int, *, groups: int = 1, strides: int = 1, name: str) -> GroupedConv:
-        return GroupedConv(features, (kernel, kernel), groups=groups, strides=strides, padding=torch_padding(kernel),
-                           use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name)
+    `features` and `groups` are the whole layer's; under group parallelism (`group_split` active) `split` says
+    where the conv sits: "column" (replicated input, this device's block of output channels), "local" (this
+    device's block in and out: its share of the groups) or "row" (this device's input block, outputs summed over
+    the devices). Without a split every conv is the whole layer.
+    """
+
+    def conv(features: int, kernel: int, *, groups: int = 1, strides: int = 1, split: str | None = None,
+             name: str) -> Callable[[jax.Array], jax.Array]:
+        if split not in (None, "column", "local", "row"):
+            raise ValueError(f"split={split!r}: use None, 'column', 'local' or 'row'.")
+        if split in ("column", "local"):
+            features = group_split.local(features, f"{name} channels")
+        if split == "local":
+            groups = group_split.local(groups, f"{name} groups")
+        layer = GroupedConv(features, (kernel, kernel), groups=groups, strides=strides,
+                            padding=torch_padding(kernel), use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                            name=name)
+        if split == "column":
+            return lambda x: layer(group_split.copy_in(x))
+        if split == "row":
+            return lambda x: group_split.reduce(layer(x))
+        return layer
 
     return conv
 
@@ -36,6 +94,55 @@ def norm_factory(train: bool, momentum: float, epsilon: float, dtype: Any, param
     """BatchNorm with batch statistics in training (synchronised over `axis_name` when set)."""
     return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon,
                              dtype=dtype, param_dtype=param_dtype, axis_name=axis_name)
+
+
+class ClassifierNet(nn.Module, kw_only=True):
+    """The fields every gconv classifier has (keyword-only, after the family's own), and its conv/norm factories."""
+    num_classes: int = 1000
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    axis_name: str | None = None  # the batch axis BatchNorm synchronises over (data parallel)
+
+    def factories(self, train: bool, group_split: GroupSplit = NO_SPLIT) -> tuple[ModuleDef, ModuleDef]:
+        """`(conv, norm)` bound to this model's dtypes, BN settings and group split."""
+        return (conv_factory(self.dtype, self.param_dtype, group_split),
+                norm_factory(train, self.bn_momentum, self.bn_epsilon, self.dtype, self.param_dtype, self.axis_name))
+
+    def head(self, x: jax.Array, group_split: GroupSplit = NO_SPLIT) -> jax.Array:
+        """Global average pool + dense head: `(N, H, W, C) -> (N, num_classes)` float32 logits."""
+        return classifier(x, self.num_classes, self.dtype, self.param_dtype, group_split)
+
+
+def torch_namer(top: dict[str, str], inner: Callable[[int, int, str], str]) -> Callable[[LayerPath], str]:
+    """A family's `torch_name`: `top` names the layers outside the stages (`{"stem_conv": "conv1"}`), and
+    `inner(stage, index, layer)` those at `stage{stage}/{block|unit}{index}/{layer}`."""
+
+    def torch_name(path: LayerPath) -> str:
+        if path[0] in top:
+            return top[path[0]]
+        stage, block, layer = path
+        return inner(int(stage[len("stage"):]), int(block.lstrip("blockunit")), layer)
+
+    return torch_name
+
+
+class Stage(nn.Module):
+    """`num_blocks` blocks, the first with `strides` (built by `first` when given), the rest with stride 1.
+    Blocks are named `{prefix}0`, `{prefix}1`, ...; `block(strides=..., name=...)` builds one."""
+    block: ModuleDef
+    num_blocks: int
+    strides: int = 2
+    prefix: str = "block"
+    first: ModuleDef | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for j in range(self.num_blocks):
+            make = self.first if j == 0 and self.first is not None else self.block
+            x = make(strides=self.strides if j == 0 else 1, name=f"{self.prefix}{j}")(x)
+        return x
 
 
 def _shifted_windows(x: jax.Array, pad_value: float) -> list[jax.Array]:
@@ -62,22 +169,22 @@ def avg_pool_3x3_s2(x: jax.Array) -> jax.Array:
 
 
 class RowParallelDense(nn.Dense):
-    """`nn.Dense` over features split across `model_axis`: local partial products, one `psum`, then the bias."""
-    model_axis: str = "model"
+    """`nn.Dense` over features split as `group_split` says: local partial products, one `psum`, then the bias."""
+    group_split: GroupSplit = NO_SPLIT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return ops.model_parallel_output(x @ kernel, self.model_axis) + bias
+        return self.group_split.reduce(x @ kernel) + bias
 
 
 def classifier(x: jax.Array, num_classes: int, dtype: Any, param_dtype: Any,
-               model_axis: str | None = None) -> jax.Array:
-    """Global average pool + dense head. `x: (N, H, W, C) -> (N, num_classes)` float32 logits. With `model_axis`,
-    `x` holds this device's block of channels and the head is row-parallel."""
+               group_split: GroupSplit = NO_SPLIT) -> jax.Array:
+    """Global average pool + dense head. `x: (N, H, W, C) -> (N, num_classes)` float32 logits. With an active
+    `group_split`, `x` holds this device's block of channels and the head is row-parallel."""
     x = jnp.mean(x, axis=(1, 2))
-    dense = functools.partial(RowParallelDense, model_axis=model_axis) if model_axis else nn.Dense
+    dense = functools.partial(RowParallelDense, group_split=group_split) if group_split.active else nn.Dense
     x = dense(num_classes, dtype=dtype, param_dtype=param_dtype, name="head")(x)
     return x.astype(jnp.float32)

@@ -1,0 +1,52 @@
+"""Evaluating what was trained: a run directory's checkpoint (latest, best or a step) or a converted PyTorch
+weights file, on a dataset split, giving top-1/top-5 error and loss (`python launch.py eval ...`)."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from gconv import data as data_lib
+from gconv import rundir
+from gconv.models import family_of, model_from_config
+from gconv.train import TrainState, eval_step, evaluate
+
+__all__ = ["evaluate_variables", "evaluate_run", "evaluate_weights"]
+
+
+def evaluate_variables(model: Any, variables: dict, data: ml_collections.ConfigDict, split: str = "eval") -> dict:
+    """`{eval_top1_error, eval_top5_error, eval_loss, images}` of `model` with `variables` on every example of
+    `split` ("eval" or "train", without augmentation) of the dataset `data` (a config's `data` block)."""
+    source, info = data_lib.get_source(data, split)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                       batch_stats=variables.get("batch_stats", {}), opt_state=None, rng=None)
+    step = jax.jit(lambda s, b: eval_step(s, b, model=model))
+    scores = evaluate(step, state, data_lib.eval_batches(source, info, data.eval_batch_size, data.num_workers))
+    return {**scores, "images": len(source)}
+
+
+def evaluate_run(run_dir: Any, checkpoint: str = "latest", split: str = "eval") -> dict:
+    """Evaluates a run directory's checkpoint (`checkpoint`: latest, best or a step) with the run's own config."""
+    run_dir = rundir.as_path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir} has no config.json: pass the directory of a run (WORKDIR/POINT).")
+    config = ml_collections.ConfigDict(rundir.read_json(run_dir / "config.json"))
+    step = rundir.choose_checkpoint(run_dir, checkpoint)
+    restored = rundir.restore_on_host(run_dir / "checkpoints" / str(step) / "default")
+    _, info = data_lib.get_source(config.data, split)
+    model = model_from_config(config.model, info.num_classes)
+    scores = evaluate_variables(model, restored, config.data, split)
+    return {**scores, "model": family_of(model).name_of(model), "step": step, "split": split}
+
+
+def evaluate_weights(path: str, model_name: str, data: ml_collections.ConfigDict, split: str = "eval") -> dict:
+    """Evaluates a PyTorch weights file (torchvision/timm/imgclsmob layout, see `gconv.convert`) as `model_name`,
+    keeping the checkpoint's classifier."""
+    from gconv.convert import load_torch_weights
+
+    variables = load_torch_weights(model_name, path)
+    classes = variables["params"]["head"]["kernel"].shape[-1]
+    model = model_from_config({"name": model_name}, classes)
+    return {**evaluate_variables(model, variables, data, split), "model": model_name, "split": split}

@@ -1,0 +1,107 @@
+"""The report's figures (matplotlib, Agg), written as PNGs to any storage: error against the swept field with
+seed spread, learning curves, compute by layer kind."""
+from __future__ import annotations
+
+import io
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from etils import epath
+
+__all__ = ["pyplot", "save", "error_vs", "learning_curves", "compute_bars"]
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: epath.Path) -> None:
+    """A figure as a PNG at `path` (any storage), then closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    pyplot().close(fig)
+    path.write_bytes(buffer.getvalue())
+
+
+def _series_label(row: dict) -> str:
+    return row.get("family", row["model"].split("_")[0]) + (" (no shuffle)" if row.get("field:shuffle") is False else "")
+
+
+def error_vs(rows: Sequence[dict], x_of: Callable[[dict], Any], x_label: str, path: epath.Path, log_x: bool) -> None:
+    """Top-1 error of each sweep point (`rows` from `gconv.stats.point_rows`) against `x_of(row)`: the mean with a
+    ± std bar and each seed's run as a dot when there are several; one line per family / shuffle setting."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    series: dict[str, list] = {}
+    for row in rows:
+        if x_of(row) is not None and row["n"]:
+            series.setdefault(_series_label(row), []).append(row)
+    for label, points in series.items():
+        points.sort(key=x_of)
+        xs = [x_of(p) for p in points]
+        line = ax.errorbar(xs, [p["mean"] for p in points], yerr=[p["std"] for p in points], fmt="o-", capsize=3,
+                           label=label)
+        for p in points:
+            if p["n"] > 1:
+                ax.scatter([x_of(p)] * p["n"], p["values"], s=8, alpha=0.4, color=line[0].get_color())
+            ax.annotate(p["name"], (x_of(p), p["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if log_x:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    n = sorted({row["n"] for row in rows})
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("top-1 error (%)" + (f", mean ± std over {n[-1]} seeds" if n and n[-1] > 1 else ""))
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def learning_curves(curves: dict[str, list[list[dict]]], path: epath.Path) -> None:
+    """Training loss and eval top-1 error against step: `curves[point]` holds each seed's `metrics.jsonl` records;
+    one colour per point, one thin line per seed and their mean in bold when there are several."""
+    plt = pyplot()
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (point, runs) in enumerate(curves.items()):
+        color = colors[i % len(colors)]
+        for ax, key in ((ax_loss, "train_loss"), (ax_err, "eval_top1_error")):
+            lines = [[(r["step"], r[key]) for r in records if r.get(key) is not None] for records in runs]
+            lines = [line for line in lines if line]
+            for line in lines:
+                ax.plot(*zip(*line), color=color, alpha=0.35 if len(lines) > 1 else 1.0, linewidth=0.8, marker=".",
+                        markersize=3, label=None if len(lines) > 1 else point)
+            common = sorted(set.intersection(*(set(s for s, _ in line) for line in lines))) if lines else []
+            if len(lines) > 1 and common:
+                mean = [np.mean([dict(line)[s] for line in lines]) for s in common]
+                ax.plot(common, mean, color=color, linewidth=1.8, label=point)
+    ax_loss.set(xlabel="step", ylabel="training loss", yscale="log", title="training loss")
+    ax_err.set(xlabel="step", ylabel="top-1 error (%)", title="eval top-1 error")
+    for ax in (ax_loss, ax_err):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def compute_bars(per_point: dict[str, dict[str, float]], path: epath.Path) -> None:
+    """Stacked bars of MMACs per layer kind (`per_point[point][kind]`), one bar per sweep point."""
+    plt = pyplot()
+    kinds = sorted({k for point in per_point.values() for k in point})
+    fig, ax = plt.subplots(figsize=(1.0 * len(per_point) + 3, 4), dpi=120)
+    bottom = np.zeros(len(per_point))
+    for kind in kinds:
+        values = np.array([per_point[n].get(kind, 0.0) for n in per_point])
+        ax.bar(list(per_point), values, bottom=bottom, label=kind)
+        bottom += values
+    ax.set_ylabel("MMACs (multiply-adds)")
+    ax.set_title("compute by layer kind", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save(fig, path)

@@ -1,0 +1,76 @@
+"""TensorBoard event files beside `metrics.jsonl` (which stays the source for reports and resume), written with
+tensorboardX: no TensorFlow needed. On any storage: events are written to a local file and copied to the run
+directory after each record when that directory is remote."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from etils import epath
+
+__all__ = ["EventLog", "write_images"]
+
+
+class EventLog:
+    """Scalars of every numeric field of a run's records, by step, in `log_dir` (RUN_DIR/tensorboard).
+
+    Made anew from `records` (the run's `metrics.jsonl` up to the resumed step) when a session starts, so that a
+    resumed run's events hold exactly the steps of an uninterrupted run's, each once.
+    """
+
+    def __init__(self, log_dir: epath.Path, records: list[dict], enabled: bool = True):
+        self.enabled, self.log_dir = enabled, log_dir
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        if log_dir.exists():
+            log_dir.rmtree()
+        self.remote = "://" in os.fspath(log_dir)
+        self._local = tempfile.mkdtemp(prefix="gconv-tb-") if self.remote else os.fspath(log_dir)
+        self.writer = SummaryWriter(self._local, flush_secs=3600)
+        for record in records:
+            self._add(record)
+        self.flush()
+
+    def _add(self, record: dict) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "eval_")) else key,
+                                       value, record["step"])
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            self._add(record)
+            self.flush()
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if self.remote:  # object storage cannot append: copy the (small) event files whole
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            for name in os.listdir(self._local):
+                (self.log_dir / name).write_bytes(open(os.path.join(self._local, name), "rb").read())
+
+    def close(self) -> None:
+        if self.enabled:
+            self.flush()
+            self.writer.close()
+            if self.remote:
+                shutil.rmtree(self._local, ignore_errors=True)
+
+
+def write_images(log_dir: epath.Path, pngs: dict[str, Any]) -> None:
+    """Each PNG file (`{tag: path}`) as a TensorBoard image in `log_dir`, replacing what was there."""
+    import matplotlib.image
+
+    images = {}
+    for tag, path in pngs.items():
+        if epath.Path(path).exists():
+            with epath.Path(path).open("rb") as f:
+                images[tag] = matplotlib.image.imread(f, format="png")[..., :3]
+    log = EventLog(log_dir, [])
+    for tag, image in images.items():
+        log.writer.add_image(tag, image, 0, dataformats="HWC")
+    log.close()
