@@ -185,18 +185,20 @@ def _pm(mean: float, std: float, n: int) -> str:
 
 def point_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table, one row per sweep point: its model, n seeds, final and best top-1 error as mean ± std, the
-    difference from the first point with Welch's p-value and verdict."""
+    difference from the first point with Welch's p-value, its Holm adjustment and the verdict."""
     cells = []
     for r in rows:
-        verdict = "-" if r["p"] is None else "within noise" if r["p"] >= stats.ALPHA else "differs"
+        verdict = "-" if r["p"] is None else "within noise" if r["p_holm"] >= stats.ALPHA else "differs"
         cells.append({**r, "final": _pm(r["mean"], r["std"], r["n"]), "best": _pm(r["best_mean"], r["best_std"], r["n"]),
                       "delta_pp": None if r["delta"] is None else f"{r['delta']:+.2f}",
-                      "p_value": None if r["p"] is None else f"{r['p']:.2f}", "verdict": verdict})
+                      "p_value": None if r["p"] is None else f"{r['p']:.2f}",
+                      "p_holm_value": None if r["p"] is None else f"{r['p_holm']:.2f}", "verdict": verdict})
     fields = list(dict.fromkeys(k for r in rows for k in r.get("fields", {})))
     columns = FIRST_COLUMNS + [(k, f"field:{k}", "{}") for k in fields] + [
         ("params", "params", "{:,}"), ("MMACs", "mmacs", "{:,.1f}"), ("seeds", "n", "{}"),
         ("final top-1 err (%)", "final", "{}"), ("best top-1 err (%)", "best", "{}"),
-        (f"Δ vs {rows[0]['name']} (pp)", "delta_pp", "{}"), ("p (Welch)", "p_value", "{}"), ("verdict", "verdict", "{}"),
+        (f"Δ vs {rows[0]['name']} (pp)", "delta_pp", "{}"), ("p (Welch)", "p_value", "{}"),
+        ("p (Holm)", "p_holm_value", "{}"), ("verdict", "verdict", "{}"),
         ("paper top-1 err (%)", "paper_top1_error", "{:.1f}"), ("block-diag. score", "block_diagonality", "{:.3f}"),
         ("chance", "chance", "{:.3f}"), ("img/s", "img_per_sec", "{:,.0f}")]
     columns = [c for c in columns if any(_cell(r, c[1], c[2]) != "-" for r in cells)]

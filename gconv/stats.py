@@ -12,9 +12,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["ALPHA", "group_by_point", "mean_std", "welch", "point_rows", "noise_verdict"]
+__all__ = ["ALPHA", "group_by_point", "mean_std", "welch", "holm", "point_rows", "noise_verdict"]
 
-ALPHA = 0.05  # a difference is called real when Welch's two-sided p-value is below this
+ALPHA = 0.05  # a difference is called real when its Holm-adjusted two-sided Welch p-value is below this
 
 
 def group_by_point(summaries: Sequence[dict]) -> dict[str, list[dict]]:
@@ -46,9 +46,22 @@ def welch(a: Sequence[float], b: Sequence[float]) -> float | None:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of several p-values (None stays None): the family-wise error stays below α when
+    each adjusted p is compared with α, however many points an ablation has."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
 def point_rows(summaries: Sequence[dict], metric: str = "final_top1_error") -> list[dict[str, Any]]:
     """One row per sweep point: its first run's descriptive keys, `n`, `mean`/`std` of `metric` and of
-    `best_top1_error`, and against the first point `delta` (of the means) and `p` (Welch on `metric`)."""
+    `best_top1_error`, and against the first point `delta` (of the means), `p` (Welch on `metric`) and `p_holm`
+    (adjusted for the number of comparisons; the verdict uses it)."""
     groups = group_by_point(summaries)
     rows, reference = [], None
     for point, runs in groups.items():
@@ -65,6 +78,8 @@ def point_rows(summaries: Sequence[dict], metric: str = "final_top1_error") -> l
         else:
             row["delta"], row["p"] = row["mean"] - reference["mean"], welch(values, reference["values"])
         rows.append(row)
+    for row, adjusted in zip(rows, holm([r["p"] for r in rows])):
+        row["p_holm"] = adjusted
     return rows
 
 
@@ -81,17 +96,19 @@ def noise_verdict(rows: Sequence[dict], metric_name: str = "final top-1 error") 
         if r["p"] is None:
             parts.append(f"{r['name']}: no test (n={r['n']})")
             continue
-        within = r["p"] >= ALPHA
-        parts.append(f"{r['name']} {r['delta']:+.2f} pp (p = {r['p']:.2f}, {'within noise' if within else 'differs'})")
+        within = r["p_holm"] >= ALPHA
+        parts.append(f"{r['name']} {r['delta']:+.2f} pp (p = {r['p']:.2f}, Holm-adjusted {r['p_holm']:.2f}: "
+                     f"{'within noise' if within else 'differs'})")
         if not within:
             real.append(r["name"])
     n = sorted({r["n"] for r in rows})
     seeds = f"{n[0]} seeds" if len(n) == 1 else f"{n[0]}-{n[-1]} seeds"
+    tests = sum(r["p"] is not None for r in rows[1:])
     head = (f"Against {first['name']} ({first['mean']:.2f} ± {first['std']:.2f} %), Welch's t-test on the {metric_name} "
-            f"over {seeds} per point, two-sided, α = {ALPHA}: " + "; ".join(parts) + ". ")
+            f"over {seeds} per point, two-sided, p-values Holm-adjusted for the {tests} comparisons, α = {ALPHA}: "
+            + "; ".join(parts) + ". ")
     if not real:
         return head + (f"No point differs from {first['name']} beyond seed-to-seed noise: on this evidence the "
                        f"ablation's differences are noise.")
     return head + (f"{', '.join(real)} differ{'s' if len(real) == 1 else ''} from {first['name']} beyond "
-                   f"seed-to-seed noise; the other differences are within it. (With many points, expect about one in "
-                   f"{round(1 / ALPHA)} to pass the test by chance.)")
+                   f"seed-to-seed noise; the other differences are within it.")

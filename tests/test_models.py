@@ -250,3 +250,11 @@ def test_the_family_of_docs_models_md_registers_and_runs_everywhere():
             parallel.group_parallel_rules(model)
     finally:
         FAMILIES.remove(module.FAMILY)
+
+
+def test_count_flops_is_a_deprecated_name_of_count_macs():
+    from gconv.complexity import count_flops
+
+    model = create_model("resnext11_8x4d")
+    with pytest.warns(DeprecationWarning, match="renamed count_macs"):
+        assert count_flops(model, (32, 32, 3)) == count_macs(model, (32, 32, 3))

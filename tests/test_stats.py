@@ -23,6 +23,11 @@ def test_welch_against_its_definition():
     assert stats.welch([1.0], [1.0, 2.0]) is None
 
 
+def test_holm_adjustment():
+    assert stats.holm([0.01, None, 0.04, 0.03]) == pytest.approx([0.03, None, 0.06, 0.06])
+    assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
 def _summaries(errors: dict[str, list[float]]) -> list[dict]:
     return [{"name": f"{point}_seed{k}" if len(v) > 1 else point, "point": point, "seed": k, "model": "resnext11_x",
              "family": "resnext", "fields": {"cardinality": int(point[1:])}, "field:cardinality": int(point[1:]),
@@ -36,8 +41,11 @@ def test_point_rows_and_the_verdict_in_words():
     assert rows[0]["mean"] == pytest.approx(2.2333333) and rows[0]["std"] == pytest.approx(np.std([2.0, 2.5, 2.2],
                                                                                                    ddof=1))
     assert rows[1]["delta"] == pytest.approx(2.3 - 2.2333333) and rows[1]["p"] > 0.05 and rows[2]["p"] < 0.01
+    assert rows[2]["p_holm"] == pytest.approx(2 * rows[2]["p"])  # the smaller of 2 p-values, times 2
+    assert rows[1]["p_holm"] == pytest.approx(max(rows[1]["p"], rows[2]["p_holm"]))
     text = stats.noise_verdict(rows)
     assert "c4 +0.07 pp" in text and "within noise" in text and "c8 differs from c1 beyond seed-to-seed noise" in text
+    assert "Holm-adjusted for the 2 comparisons" in text
     quiet = stats.noise_verdict(stats.point_rows(_summaries({"c1": [2.0, 2.5], "c4": [2.4, 2.1]})))
     assert "No point differs from c1 beyond seed-to-seed noise" in quiet
     single = stats.noise_verdict(stats.point_rows(_summaries({"c1": [2.0], "c4": [2.4]})))
@@ -56,7 +64,7 @@ def test_report_of_a_seeded_sweep(tmp_path):
     path = report.write_report(tmp_path, analyze=False)
     text = path.read_text()
     assert "| c1 | resnext11_x | 1 | 3 | 2.23 ± 0.25 | 2.13 ± 0.25 | - | - | - |" in text
-    assert "| c4 | resnext11_x | 4 | 3 | 2.30 ± 0.30 | 2.20 ± 0.30 | +0.07 |" in text and "within noise" in text
+    assert "| c4 | resnext11_x | 4 | 3 | 2.30 ± 0.30 | 2.20 ± 0.30 | +0.07 | 0.78 | 0.78 | within noise |" in text
     assert "Welch's t-test" in text and "## Runs" in text and "| c4_seed2 |" in text
     for name in ("error_vs_cardinality.png", "learning_curves.png", "error_vs_mmacs.png"):
         image = matplotlib.image.imread(tmp_path / name)
