@@ -117,6 +117,9 @@ def evaluate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     """`launch.py eval`: a run directory's checkpoint with its own config, or a weights file on `--config`'s data."""
     from gconv import evaluation
 
+    if args.model and not os.path.isfile(args.target):
+        raise FileNotFoundError(f"no weights file at {args.target!r} (--model is for a .pth/.safetensors file; leave "
+                                f"it out to evaluate a run directory).")
     if os.path.isfile(args.target):
         if not args.model:
             raise ValueError(f"eval of the weights file {args.target}: name its model, e.g. --model resnext50_32x4d.")

@@ -128,3 +128,5 @@ def test_eval_command_scores_a_weights_file_on_a_dataset(cli, capsys):
             correct += int(np.sum((predicted == batch["label"]) & batch["mask"]))
             count += int(np.sum(batch["mask"]))
     assert f"on the eval split ({count} images): top-1 error {100 * (1 - correct / count):.2f}%" in out
+    assert cli("eval", "nope.pth", "--model", "shufflenet_v2_x0_5") == 2
+    assert "no weights file at 'nope.pth'" in capsys.readouterr().err
