@@ -138,7 +138,7 @@ def init_from_path(config: Any) -> Path:
     """A config's `init_from` as a file: a path, or a published-weights tag of its model (downloaded when needed)."""
     if os.path.isfile(config.init_from) or os.sep in config.init_from or "." in config.init_from:
         return Path(config.init_from)
-    from gconv.models import family_of, model_from_config
+    from gconv.models import model_from_config
 
     model = model_from_config(config.model, 1000)
     return pretrained_file(family_of(model).name_of(model), config.init_from)

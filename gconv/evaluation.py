@@ -27,6 +27,11 @@ def evaluate_variables(model: Any, variables: dict, data: ml_collections.ConfigD
     return {**scores, "images": len(source)}
 
 
+def _classes(variables: dict) -> int:
+    """The number of classes of a model's variables: its classifier's (`head`, as every family names it) outputs."""
+    return variables["params"]["head"]["kernel"].shape[-1]
+
+
 def evaluate_run(run_dir: Any, checkpoint: str = "latest", split: str = "eval") -> dict:
     """Evaluates a run directory's checkpoint (`checkpoint`: latest, best or a step) with the run's own config."""
     run_dir = rundir.as_path(run_dir)
@@ -35,8 +40,7 @@ def evaluate_run(run_dir: Any, checkpoint: str = "latest", split: str = "eval") 
     config = ml_collections.ConfigDict(rundir.read_json(run_dir / "config.json"))
     step = rundir.choose_checkpoint(run_dir, checkpoint)
     restored = rundir.restore_on_host(run_dir / "checkpoints" / str(step) / "default")
-    _, info = data_lib.get_source(config.data, split)
-    model = model_from_config(config.model, info.num_classes)
+    model = model_from_config(config.model, _classes(restored))
     scores = evaluate_variables(model, restored, config.data, split)
     return {**scores, "model": family_of(model).name_of(model), "step": step, "split": split}
 
@@ -47,6 +51,5 @@ def evaluate_weights(path: str, model_name: str, data: ml_collections.ConfigDict
     from gconv.convert import load_torch_weights
 
     variables = load_torch_weights(model_name, path)
-    classes = variables["params"]["head"]["kernel"].shape[-1]
-    model = model_from_config({"name": model_name}, classes)
+    model = model_from_config({"name": model_name}, _classes(variables))
     return {**evaluate_variables(model, variables, data, split), "model": model_name, "split": split}

@@ -3,9 +3,7 @@
 chosen steps."""
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import time
 
 from tqdm import tqdm
@@ -80,8 +78,9 @@ class StepProfiler:
         if step == self.first:
             import jax
 
-            self.remote = "://" in os.fspath(self.out_dir)
-            self._local = tempfile.mkdtemp(prefix="gconv-profile-") if self.remote else os.fspath(self.out_dir)
+            from gconv import rundir
+
+            self._local = rundir.local_dir_for(self.out_dir, "gconv-profile-")
             jax.profiler.start_trace(self._local)
             self.active = True
 
@@ -97,14 +96,11 @@ class StepProfiler:
             return
         import jax
 
+        from gconv import rundir
+
         jax.profiler.stop_trace()
         self.active = False
-        if self.remote:
-            for root, _, files in os.walk(self._local):
-                for name in files:
-                    target = self.out_dir / os.path.relpath(os.path.join(root, name), self._local)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(open(os.path.join(root, name), "rb").read())
+        rundir.mirror(self._local, self.out_dir)
 
 
 def parse_steps(spec: str) -> tuple[int, int]:

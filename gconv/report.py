@@ -77,14 +77,20 @@ def _cell(summary: dict, key: str, fmt: str) -> str:
     return fmt.format(value)
 
 
+def _markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """A markdown table of `rows`: the point and model, each model field (a family's `fields_of`), then `columns`;
+    columns that are empty for every row are left out."""
+    fields = list(dict.fromkeys(k for r in rows for k in r.get("fields", {})))
+    columns = FIRST_COLUMNS + [(k, f"field:{k}", "{}") for k in fields] + columns
+    columns = [c for c in columns if any(_cell(r, c[1], c[2]) != "-" for r in rows)]
+    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r, key, fmt) for _, key, fmt in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def report_table(summaries: list[dict[str, Any]]) -> str:
     """Markdown table, one row per run; columns that are empty for every run are left out."""
-    fields = list(dict.fromkeys(k for s in summaries for k in s.get("fields", {})))
-    columns = FIRST_COLUMNS + [(k, f"field:{k}", "{}") for k in fields] + COLUMNS
-    columns = [c for c in columns if any(_cell(s, c[1], c[2]) != "-" for s in summaries)]
-    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(s, key, fmt) for _, key, fmt in columns) + " |" for s in summaries]
-    return "\n".join(lines)
+    return _markdown(summaries, COLUMNS)
 
 
 def analyze_run(run_dir: Any, num_images: int = 128, checkpoint: str = "latest") -> dict[str, Any]:
@@ -193,24 +199,19 @@ def point_table(rows: list[dict[str, Any]]) -> str:
                       "delta_pp": None if r["delta"] is None else f"{r['delta']:+.2f}",
                       "p_value": None if r["p"] is None else f"{r['p']:.2f}",
                       "p_holm_value": None if r["p"] is None else f"{r['p_holm']:.2f}", "verdict": verdict})
-    fields = list(dict.fromkeys(k for r in rows for k in r.get("fields", {})))
-    columns = FIRST_COLUMNS + [(k, f"field:{k}", "{}") for k in fields] + [
+    return _markdown(cells, [
         ("params", "params", "{:,}"), ("MMACs", "mmacs", "{:,.1f}"), ("seeds", "n", "{}"),
         ("final top-1 err (%)", "final", "{}"), ("best top-1 err (%)", "best", "{}"),
         (f"Δ vs {rows[0]['name']} (pp)", "delta_pp", "{}"), ("p (Welch)", "p_value", "{}"),
         ("p (Holm)", "p_holm_value", "{}"), ("verdict", "verdict", "{}"),
         ("paper top-1 err (%)", "paper_top1_error", "{:.1f}"), ("block-diag. score", "block_diagonality", "{:.3f}"),
-        ("chance", "chance", "{:.3f}"), ("img/s", "img_per_sec", "{:,.0f}")]
-    columns = [c for c in columns if any(_cell(r, c[1], c[2]) != "-" for r in cells)]
-    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r, key, fmt) for _, key, fmt in columns) + " |" for r in cells]
-    return "\n".join(lines)
+        ("chance", "chance", "{:.3f}"), ("img/s", "img_per_sec", "{:,.0f}")])
 
 
-def results(summaries: list[dict[str, Any]]) -> str:
+def results(summaries: list[dict[str, Any]], rows: list[dict[str, Any]] | None = None) -> str:
     """The report's answer: one table row per sweep point (mean ± std when it has several seeds, else one per run)
-    and the noise verdict in words."""
-    rows = stats.point_rows(summaries)
+    and the noise verdict in words. `rows`: `stats.point_rows(summaries)`, when already computed."""
+    rows = rows if rows is not None else stats.point_rows(summaries)
     table = point_table(rows) if max(r["n"] for r in rows) > 1 else report_table(summaries)
     return table + "\n\n" + stats.noise_verdict(rows) if len(rows) > 1 else table
 
@@ -234,14 +235,15 @@ def write_report(workdir: Any, analyze: bool = True) -> epath.Path:
     pictures = [f"error_vs_{axis}.png", "error_vs_mmacs.png", "learning_curves.png"]
     plots.error_vs(rows, lambda r: r.get(f"field:{axis}"), axis, workdir / pictures[0], axis != "width")
     plots.error_vs(rows, lambda r: r.get("mmacs"), "MMACs (multiply-adds)", workdir / pictures[1], False)
+    by_point = stats.group_by_point(summaries)
     curves = {point: [rundir.read_metrics(workdir / r["name"] / "metrics.jsonl") for r in runs]
-              for point, runs in stats.group_by_point(summaries).items()}
+              for point, runs in by_point.items()}
     plots.learning_curves(curves, workdir / pictures[2])
-    text = [f"# Report: {workdir.name}", "", results(summaries), ""] + [f"![{name}]({name})" for name in pictures]
+    text = [f"# Report: {workdir.name}", "", results(summaries, rows), ""] + [f"![{name}]({name})" for name in pictures]
     if seeded:
         text += ["", "## Runs", "", report_table(summaries)]
     if analyze:
-        first = {point: runs[0]["name"] for point, runs in stats.group_by_point(summaries).items()}
+        first = {point: runs[0]["name"] for point, runs in by_point.items()}
         breakdowns = {point: _breakdown_of(workdir / name) for point, name in first.items()}
         if any(breakdowns.values()):
             plots.compute_bars({p: b for p, b in breakdowns.items() if b}, workdir / "compute_breakdown.png")

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import socket
+import tempfile
 import time
 import uuid
 import warnings
@@ -19,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 from etils import epath
 
-__all__ = ["cache_dir", "as_path", "to_json", "write_text", "write_json", "read_json", "read_jsonl", "read_metrics",
+__all__ = ["cache_dir", "is_remote", "as_path", "local_dir_for", "mirror", "to_json", "write_text", "write_json", "read_json", "read_jsonl", "read_metrics",
            "MetricsLog", "RunLock", "RunDirError", "check_config", "readable_checkpoint_steps", "restore_newest_readable",
            "restore_on_host", "PendingMetrics", "checkpoint_options", "choose_checkpoint"]
 
@@ -28,10 +29,35 @@ class RunDirError(Exception):
     """A run directory that cannot be used as asked (busy, unreadable); the message says what to do."""
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether `path` is a URL (`gs://...`) rather than a local path."""
+    return "://" in os.fspath(path)
+
+
 def as_path(path: str | os.PathLike) -> epath.Path:
     """An `epath.Path` for a local path (made absolute, `~` expanded) or a URL (`gs://bucket/dir`, `s3://...`)."""
     text = os.fspath(path)
-    return epath.Path(text if "://" in text else os.path.abspath(os.path.expanduser(text)))
+    return epath.Path(text if is_remote(text) else os.path.abspath(os.path.expanduser(text)))
+
+
+def local_dir_for(path: epath.Path, prefix: str) -> str:
+    """Where a writer that only knows local files (TensorBoard, the profiler) writes what belongs in `path`: `path`
+    itself when local, else a fresh temporary directory to `mirror` into it."""
+    return tempfile.mkdtemp(prefix=prefix) if is_remote(path) else os.fspath(path)
+
+
+def mirror(local_dir: str, path: epath.Path) -> None:
+    """Copies every file under `local_dir` to the same place under `path`, whole (object storage cannot append);
+    nothing to do when `local_dir` is `path`."""
+    if not is_remote(path):
+        return
+    for root, _, files in os.walk(local_dir):
+        for name in files:
+            source = os.path.join(root, name)
+            target = path / os.path.relpath(source, local_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(source, "rb") as f:
+                target.write_bytes(f.read())
 
 
 def cache_dir(kind: str = "weights") -> str:
@@ -60,7 +86,7 @@ def write_text(path: epath.Path, text: str) -> None:
     """Writes `text` to `path` atomically: readers see the old file or the new one, never a torn one. (An object
     store's single PUT already is; on a file system, a temporary name and a rename make it so.)"""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if "://" in str(path):
+    if is_remote(path):
         path.write_text(text)
         return
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"

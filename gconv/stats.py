@@ -69,8 +69,8 @@ def point_rows(summaries: Sequence[dict], metric: str = "final_top1_error") -> l
         mean, std, n = mean_std(values)
         best_mean, best_std, _ = mean_std([r.get("best_top1_error") for r in runs])
         row = {**runs[0], "name": point, "n": n, "mean": mean, "std": std, "best_mean": best_mean,
-               "best_std": best_std, "values": values, "seeds": [r.get("seed") for r in runs]}
-        for key in ("img_per_sec", "wall_time", "block_diagonality"):
+               "best_std": best_std, "values": values}
+        for key in ("img_per_sec", "block_diagonality"):  # means over the seeds of what the point table shows
             row[key] = mean_std([r.get(key) for r in runs])[0] if any(r.get(key) is not None for r in runs) else None
         if reference is None:
             reference = row

@@ -1,14 +1,14 @@
 """TensorBoard event files beside `metrics.jsonl` (which stays the source for reports and resume), written with
-tensorboardX: no TensorFlow needed. On any storage: events are written to a local file and copied to the run
-directory after each record when that directory is remote."""
+tensorboardX: no TensorFlow needed. On any storage: events are written to a local file and mirrored to the run
+directory after each record when that directory is remote (`rundir.mirror`)."""
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from typing import Any
 
 from etils import epath
+
+from gconv import rundir
 
 __all__ = ["EventLog", "write_images"]
 
@@ -28,8 +28,7 @@ class EventLog:
 
         if log_dir.exists():
             log_dir.rmtree()
-        self.remote = "://" in os.fspath(log_dir)
-        self._local = tempfile.mkdtemp(prefix="gconv-tb-") if self.remote else os.fspath(log_dir)
+        self._local = rundir.local_dir_for(log_dir, "gconv-tb-")
         self.writer = SummaryWriter(self._local, flush_secs=3600)
         for record in records:
             self._add(record)
@@ -48,16 +47,13 @@ class EventLog:
 
     def flush(self) -> None:
         self.writer.flush()
-        if self.remote:  # object storage cannot append: copy the (small) event files whole
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            for name in os.listdir(self._local):
-                (self.log_dir / name).write_bytes(open(os.path.join(self._local, name), "rb").read())
+        rundir.mirror(self._local, self.log_dir)  # the event files are small: copied whole
 
     def close(self) -> None:
         if self.enabled:
             self.flush()
             self.writer.close()
-            if self.remote:
+            if rundir.is_remote(self.log_dir):
                 shutil.rmtree(self._local, ignore_errors=True)
 
 

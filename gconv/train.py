@@ -217,7 +217,8 @@ def _train(config: ml_collections.ConfigDict, config_json: dict, run_dir: Any,
                     pending.steps, t_interval, interval_steps = [], now, 0
                     log.write({"step": done, **{f"train_{k}": v for k, v in means.items()},
                                "img_per_sec": img_per_sec, "wall_time": log.wall_offset + now - t_session})
-                progress.update(done, batch_size)
+                progress.update(done, batch_size, **({"loss": f"{means['loss']:.4f}", "img_s": f"{img_per_sec:,.0f}"}
+                                                     if is_log else {}))
                 if is_eval:
                     eval_batches = data_lib.eval_batches(eval_source, info, config.data.eval_batch_size,
                                                          config.data.num_workers)
