@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from gconv.complexity import count_macs, count_params
-from gconv.models import create_model, list_models
+from gconv.models import create_model, family_of, list_models
 
 
 def main() -> None:
@@ -14,9 +14,9 @@ def main() -> None:
     print("|---|---|---:|---:|")
     for name in list_models():
         model = create_model(name)
-        res = 32 if name.startswith(("resnext11", "resnext29")) else 224
-        params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3))))["params"]
-        print(f"| `{name}` | {res}x{res} | {count_params(params):,} | {count_macs(model, (res, res, 3)) / 1e6:,.1f} |")
+        shape = family_of(model).input_shape(model)
+        params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape)))["params"]
+        print(f"| `{name}` | {shape[0]}x{shape[1]} | {count_params(params):,} | {count_macs(model, shape) / 1e6:,.1f} |")
 
 
 if __name__ == "__main__":

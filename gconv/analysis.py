@@ -14,8 +14,9 @@ from gconv.complexity import breakdown
 from gconv.layers import GroupedConv, record_calls
 from gconv.models import family_of
 
-__all__ = ["layer_outputs", "filter_correlation", "filter_correlations", "block_diagonality", "kernel_views",
-           "first_layer_view", "default_layer_pairs", "compute_breakdown"]
+__all__ = ["layer_outputs", "filter_correlation", "filter_correlations", "block_diagonality", "block_means",
+           "score_blocks", "kernel_views", "first_layer_view", "first_layer_by_group", "colour_scores", "group_colour_scores",
+           "default_layer_pairs", "compute_breakdown"]
 
 
 def _capture(model: nn.Module, variables: Any, batch: jax.Array, paths: Sequence[str]) -> dict[str, Any]:
@@ -60,11 +61,7 @@ def filter_correlations(model: nn.Module, variables: Any, batch: jax.Array,
     groups = _groups_of(model, variables, batch, paths)
     results = []
     for layer_a, layer_b in pairs:
-        a, b = np.asarray(outs[layer_a], np.float64), np.asarray(outs[layer_b], np.float64)
-        if a.shape[1:3] != b.shape[1:3]:
-            fh, fw = a.shape[1] // b.shape[1], a.shape[2] // b.shape[2]
-            a = a[:, :b.shape[1] * fh, :b.shape[2] * fw].reshape(a.shape[0], b.shape[1], fh, b.shape[2], fw, -1)
-            a = a.mean(axis=(2, 4))
+        a, b = _same_size(np.asarray(outs[layer_a], np.float64), np.asarray(outs[layer_b], np.float64))
         a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
         a = (a - a.mean(0)) / (a.std(0) + 1e-12)
         b = (b - b.mean(0)) / (b.std(0) + 1e-12)
@@ -73,12 +70,29 @@ def filter_correlations(model: nn.Module, variables: Any, batch: jax.Array,
     return results
 
 
+def _upsample_nearest(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`x: (N, h, w, C) -> (N, H, W, C)`, each pixel repeated (H, W multiples of h, w; else the edge rows repeat)."""
+    rows = np.arange(size[0]) * x.shape[1] // size[0]
+    cols = np.arange(size[1]) * x.shape[2] // size[1]
+    return x[:, rows][:, :, cols]
+
+
+def _same_size(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The smaller of two `(N, H, W, C)` maps upsampled nearest-neighbour to the larger (Ioannou's thesis)."""
+    if a.shape[1:3] == b.shape[1:3]:
+        return a, b
+    if a.shape[1] * a.shape[2] < b.shape[1] * b.shape[2]:
+        return _upsample_nearest(a, b.shape[1:3]), b
+    return a, _upsample_nearest(b, a.shape[1:3])
+
+
 def filter_correlation(model: nn.Module, variables: Any, batch: jax.Array, layer_a: str,
                        layer_b: str) -> tuple[np.ndarray, float, int]:
     """|correlation| between each filter response of `layer_a` and each of `layer_b` over all images and positions.
 
     Returns `(corr: (C_a, C_b), score, groups)`: `score = block_diagonality(corr, groups)` with `groups` of
-    `layer_b`. `layer_a`'s responses are average-pooled to `layer_b`'s spatial size when `layer_b` strides.
+    `layer_b`. Each spatial position of each image is a sample; when the maps differ in size the smaller is
+    upsampled nearest-neighbour to the larger, as Ioannou's thesis computes it.
     """
     return filter_correlations(model, variables, batch, [(layer_a, layer_b)])[0]
 
@@ -94,6 +108,48 @@ def block_diagonality(corr: np.ndarray, groups: int) -> float:
     inside = sum(corr[i * rows // groups:(i + 1) * rows // groups, i * cols // groups:(i + 1) * cols // groups].sum()
                  for i in range(groups))
     return float(inside / corr.sum())
+
+
+def block_means(corr: np.ndarray, blocks: int) -> tuple[float, float]:
+    """`(inside, outside)`: mean |corr| of the entries inside the `blocks` diagonal blocks and of those outside.
+    Without structure the two are equal (their ratio's chance level is 1)."""
+    corr = np.abs(np.asarray(corr, np.float64))
+    rows, cols = corr.shape
+    if blocks < 2 or rows % blocks or cols % blocks:
+        raise ValueError(f"a {rows}x{cols} correlation matrix does not split into {blocks} >= 2 blocks.")
+    mask = np.kron(np.eye(blocks, dtype=bool), np.ones((rows // blocks, cols // blocks), bool))
+    return float(corr[mask].mean()), float(corr[~mask].mean())
+
+
+def score_blocks(corr: np.ndarray, groups: int) -> dict[str, float]:
+    """The block-diagonal scores of a layer pair whose second layer has `groups` groups: `blocks` (`groups`, or 2
+    for an ungrouped layer, so that a dense network shows what no structure scores), `score`
+    (`block_diagonality`), `chance` (1 / blocks), and `inside` / `outside` (`block_means`)."""
+    blocks = groups if groups > 1 else 2
+    inside, outside = block_means(corr, blocks)
+    return {"blocks": blocks, "score": block_diagonality(corr, blocks), "chance": 1 / blocks, "inside": inside,
+            "outside": outside}
+
+
+def colour_scores(kernel: Any) -> np.ndarray:
+    """How much each RGB kernel's colour channels differ, relative to its norm: `kernel: (kh, kw, 3, C_out) ->
+    (C_out,)`, `||w - grey(w)|| / ||w||` with `grey(w)` the channel mean at each tap. 0: colour-agnostic (the same
+    pattern in R, G and B); sqrt(2/3) for one channel alone; 1 for opponent colours with no grey part."""
+    k = np.asarray(kernel, np.float64)
+    if k.ndim != 4 or k.shape[2] != 3:
+        raise ValueError(f"colour scores need an RGB kernel (kh, kw, 3, C_out), got shape {k.shape}.")
+    colour = k - k.mean(axis=2, keepdims=True)
+    norm = np.sqrt((k ** 2).sum(axis=(0, 1, 2)))
+    return np.sqrt((colour ** 2).sum(axis=(0, 1, 2))) / np.where(norm > 0, norm, 1.0)
+
+
+def group_colour_scores(kernel: Any, groups: int) -> list[tuple[float, float]]:
+    """`(mean, std)` of `colour_scores` over the kernels of each of `groups` consecutive blocks of output channels
+    (the blocks a grouped next layer consumes: AlexNet's conv2 groups read conv1's kernels in halves)."""
+    scores = colour_scores(kernel)
+    if scores.size % groups:
+        raise ValueError(f"{scores.size} kernels do not split into {groups} groups.")
+    return [(float(s.mean()), float(s.std())) for s in np.split(scores, groups)]
 
 
 def _rescale_01(x: np.ndarray) -> np.ndarray:
@@ -131,6 +187,15 @@ def first_layer_view(kernel: Any, columns: int = 8) -> np.ndarray:
         r, c = divmod(o, columns)
         image[r * (kh + 1):r * (kh + 1) + kh, c * (kw + 1):c * (kw + 1) + kw] = _rescale_01(tiles[..., o])
     return image if cin == 3 else image[..., 0]
+
+
+def first_layer_by_group(kernel: Any, groups: int, columns: int = 8) -> list[np.ndarray]:
+    """`first_layer_view` of each of `groups` consecutive blocks of the first layer's kernels, one panel per group
+    of the layer that consumes them."""
+    k = np.asarray(kernel)
+    if k.shape[-1] % groups:
+        raise ValueError(f"{k.shape[-1]} kernels do not split into {groups} groups.")
+    return [first_layer_view(part, columns) for part in np.split(k, groups, axis=-1)]
 
 
 def default_layer_pairs(model: nn.Module) -> list[tuple[str, str]]:

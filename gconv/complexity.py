@@ -2,6 +2,11 @@
 
 MACs follow the ResNeXt/ShuffleNet papers and torchvision's "GFLOPS": one multiply-add of a convolution or dense
 layer counts once; BatchNorm, activations, pooling and additions are not counted.
+
+`counts(model, input_shape, convention=...)` also counts the way other papers do:
+  "torchvision": every parameter (BatchNorm's too); MACs as above.
+  "ioannou": Ioannou's thesis and Deep Roots: conv and fc weights plus biases, normalisation layers not counted;
+    MACs plus one per bias (each bias counted once, not once per output position).
 """
 from __future__ import annotations
 
@@ -16,7 +21,10 @@ import jax.numpy as jnp
 
 from gconv.layers import GroupedConv, record_calls
 
-__all__ = ["count_params", "count_macs", "count_flops", "layer_costs", "LayerCost", "breakdown", "preserving_width"]
+__all__ = ["count_params", "count_macs", "count_flops", "counts", "Counts", "CONVENTIONS", "layer_costs", "LayerCost",
+           "breakdown", "preserving_width"]
+
+CONVENTIONS = ("torchvision", "ioannou")
 
 
 def count_params(params: Any) -> int:
@@ -30,13 +38,13 @@ class LayerCost:
     kind: str  # stem, dense_1x1, dense_kxk, grouped, depthwise or head
     params: int
     macs: int
+    biases: int = 0
 
 
-def _kind(module: nn.Module, c_in: int) -> str:
-    path = "/".join(module.scope.path)
+def _kind(module: nn.Module, c_in: int, first: bool) -> str:
     if isinstance(module, nn.Dense):
         return "head"
-    if "stem" in path:
+    if first:  # the first conv called: whatever its family names it
         return "stem"
     if module.groups > 1:
         return "depthwise" if module.groups == c_in else "grouped"
@@ -58,8 +66,10 @@ def layer_costs(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any
             return
         c_in = args[0].shape[-1]
         fan_in = math.prod(module.kernel_size) * (c_in // module.groups) if isinstance(module, GroupedConv) else c_in
-        params = fan_in * out.shape[-1] + (out.shape[-1] if module.use_bias else 0)
-        records.append(LayerCost("/".join(module.scope.path), _kind(module, c_in), params, math.prod(out.shape) * fan_in))
+        biases = out.shape[-1] if module.use_bias else 0
+        first = isinstance(module, GroupedConv) and not any(r.kind != "head" for r in records)
+        records.append(LayerCost("/".join(module.scope.path), _kind(module, c_in, first), fan_in * out.shape[-1] + biases,
+                                 math.prod(out.shape) * fan_in, biases))
 
     def init():
         with record_calls(record):
@@ -72,6 +82,27 @@ def layer_costs(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any
 def count_macs(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any) -> int:
     """Multiply-accumulates of one forward pass over `input_shape` (`(H, W, C)` = one image)."""
     return sum(layer.macs for layer in layer_costs(model, input_shape, **call_kwargs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    params: int
+    macs: int
+
+
+def counts(model: nn.Module, input_shape: Sequence[int], convention: str = "torchvision",
+           **call_kwargs: Any) -> Counts:
+    """Parameters and MACs of one forward pass over `input_shape` (`(H, W, C)`) in a paper's `convention` (see the
+    module's docstring): "torchvision" or "ioannou"."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention={convention!r}: use one of {CONVENTIONS}.")
+    layers = layer_costs(model, input_shape, **call_kwargs)
+    macs = sum(layer.macs for layer in layers)
+    if convention == "ioannou":
+        return Counts(sum(layer.params for layer in layers), macs + sum(layer.biases for layer in layers))
+    shape = (1,) + tuple(input_shape)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape, jnp.float32), **call_kwargs))
+    return Counts(count_params(params["params"]), macs)
 
 
 def count_flops(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any) -> int:

@@ -157,7 +157,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(name="resnext11", cardinality=1, base_width=16, dtype="float32"))
     config.data = ml_collections.ConfigDict(dict(
         name="digits", data_dir="", batch_size=64, eval_batch_size=256, augment=True, image_size=32, num_classes=10,
-        num_workers=-1))  # input threads per process; -1: every core of the host
+        num_workers=-1,  # input threads per process; -1: every core of the host
+        crop_size=0))  # ImageNet-size datasets: the crop's side (0: 224; AlexNet's Caffe layout takes 227)
     config.optim = ml_collections.ConfigDict(dict(
         name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine",
         warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1, label_smoothing=0.0))
@@ -172,6 +173,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.profile_steps = ""  # "a,b": a jax.profiler trace of training steps a..b in RUN_DIR/profile
     config.init_from = ""  # a PyTorch checkpoint (.pth/.safetensors) to start from, see gconv.convert
     config.paper_top1_error = -1.0  # the published figure for this point, shown beside ours; < 0 = none
+    config.paper_top5_error = -1.0
     return config
 
 

@@ -36,7 +36,7 @@ _TFDS = {
                    (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "imagenet2012": ("imagenet2012", "train", "validation", 1000, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-DATASETS = sorted(_TFDS) + ["digits", "synthetic"]
+DATASETS = sorted(_TFDS) + ["digits", "digits32", "synthetic"]
 
 
 class _ArraySource:
@@ -62,6 +62,16 @@ def _digits(split: str) -> _ArraySource:
     x_tr, x_te, y_tr, y_te = train_test_split(images, digits.target.astype(np.int32), test_size=360, random_state=0,
                                               stratify=digits.target)
     return _ArraySource(x_tr, y_tr) if split == "train" else _ArraySource(x_te, y_te)
+
+
+def _digits32(split: str) -> _ArraySource:
+    """`_digits` upsampled bilinearly to 32x32 and repeated over 3 channels: CIFAR-10's shapes, offline (a stand-in
+    for CIFAR-size networks, not a substitute for CIFAR's difficulty)."""
+    from scipy.ndimage import zoom
+
+    small = _digits(split)
+    images = np.clip(zoom(small.images[..., 0], (1, 4, 4), order=1, grid_mode=True, mode="nearest"), 0.0, 1.0)
+    return _ArraySource(np.repeat(images[..., None], 3, axis=-1).astype(np.float32), small.labels)
 
 
 def _synthetic(split: str, image_size: int, num_classes: int, size: int = 1024) -> _ArraySource:
@@ -95,12 +105,21 @@ def get_source(data: Any, split: str) -> tuple[Sequence[dict], DatasetInfo]:
     if name == "digits":
         source = _digits(split)
         info = DatasetInfo("digits", (8, 8, 1), 10, 1437, 360, (0.0,), (1.0,))
+    elif name == "digits32":
+        source = _digits32(split)
+        mean = float(_digits32("train").images.mean()) if split == "eval" else float(source.images.mean())
+        info = DatasetInfo("digits32", (32, 32, 3), 10, 1437, 360, (mean,) * 3, (1.0,) * 3)  # mean subtraction
     elif name == "synthetic":
         source = _synthetic(split, data.image_size, data.num_classes)
         info = DatasetInfo("synthetic", (data.image_size,) * 2 + (3,), data.num_classes, len(source), len(source),
                            (0.0,) * 3, (1.0,) * 3)
     elif name in _TFDS:
         tfds_name, train_split, eval_split, classes, size, mean, std = _TFDS[name]
+        if data.get("crop_size"):
+            if size != 224:
+                raise ValueError(f"data.crop_size={data.crop_size}: {name} is not cropped (its images are "
+                                 f"{size}x{size}); leave data.crop_size=0.")
+            size = data.crop_size
         source = _tfds_source(tfds_name, train_split if split == "train" else eval_split, data.get("data_dir"))
         other = _tfds_source(tfds_name, eval_split if split == "train" else train_split, data.get("data_dir"))
         n_train, n_eval = (len(source), len(other)) if split == "train" else (len(other), len(source))

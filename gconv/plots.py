@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from etils import epath
 
-__all__ = ["pyplot", "save", "error_vs", "learning_curves", "compute_bars"]
+__all__ = ["pyplot", "save", "error_vs", "learning_curves", "compute_bars", "correlation_map", "correlation_maps"]
 
 
 def pyplot():
@@ -103,5 +103,31 @@ def compute_bars(per_point: dict[str, dict[str, float]], path: epath.Path) -> No
     ax.set_ylabel("MMACs (multiply-adds)")
     ax.set_title("compute by layer kind", fontsize=9)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def correlation_map(ax, corr: np.ndarray, blocks: int, title: str, layer_a: str, layer_b: str) -> None:
+    """|corr| between two layers' filters as a heat map (rows `layer_a`, columns `layer_b`), with the boundaries
+    of the `blocks` diagonal blocks drawn."""
+    rows, cols = corr.shape
+    ax.imshow(corr, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    for i in range(1, blocks):
+        ax.axhline(i * rows / blocks - 0.5, color="white", lw=0.6)
+        ax.axvline(i * cols / blocks - 0.5, color="white", lw=0.6)
+    ax.set_title(title, fontsize=8)
+    ax.set_xlabel(layer_b, fontsize=8)
+    ax.set_ylabel(layer_a, fontsize=8)
+
+
+def correlation_maps(by_point: dict[str, dict], path: epath.Path) -> None:
+    """The first analysed layer pair of each sweep point side by side (`{point: analysis pair with its "corr"}`):
+    the standard network beside its grouped variants, as Ioannou et al.'s figure shows them."""
+    plt = pyplot()
+    n = len(by_point)
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n + 0.6, 3.0), dpi=110, squeeze=False)
+    for ax, (point, pair) in zip(axes[0], by_point.items()):
+        correlation_map(ax, pair["corr"], pair["blocks"], f"{point}: score {pair['score']:.2f} "
+                        f"(chance {pair['chance']:.2f})", pair["layer_a"], pair["layer_b"])
     fig.tight_layout()
     save(fig, path)

@@ -19,7 +19,9 @@ COLUMNS = [  # after the model's own fields (each family's `fields_of`: cardinal
     ("params", "params", "{:,}"), ("MMACs", "mmacs", "{:,.1f}"),
     ("final top-1 err (%)", "final_top1_error", "{:.2f}"), ("best top-1 err (%)", "best_top1_error", "{:.2f}"),
     ("paper top-1 err (%)", "paper_top1_error", "{:.1f}"),
+    ("final top-5 err (%)", "final_top5_error", "{:.2f}"), ("paper top-5 err (%)", "paper_top5_error", "{:.1f}"),
     ("block-diag. score", "block_diagonality", "{:.3f}"), ("chance", "chance", "{:.3f}"),
+    ("mean abs corr in / out", "inside_outside", "{}"), ("colour score by group", "colour_scores", "{}"),
     ("img/s", "img_per_sec", "{:,.0f}"),
     ("wall time (s)", "wall_time", "{:,.1f}"),
 ]
@@ -44,7 +46,8 @@ def run_summary(run_dir: Any, model: Any, config: Any, image_shape: tuple[int, .
         "best_step": min(evals, key=lambda k: (evals[k], -k)) if evals else None,
         "img_per_sec": float(np.median(throughput)) if throughput else previous.get("img_per_sec"),
         "wall_time": max((r.get("wall_time") or 0.0 for r in history), default=0.0),
-        "paper_top1_error": config.get("paper_top1_error"),
+        "paper_top1_error": config.get("paper_top1_error"), "paper_top5_error": config.get("paper_top5_error"),
+        "final_top5_error": [r["eval_top5_error"] for r in history if "eval_top5_error" in r][-1] if evals else None,
     }
 
 
@@ -66,13 +69,15 @@ def load_summaries(workdir: Any) -> list[dict[str, Any]]:
         analysis_path = path.parent / "analysis" / "analysis.json"
         if analysis_path.exists():
             s.update(rundir.read_json(analysis_path)["summary"])
+            if s.get("inside") is not None:
+                s["inside_outside"] = f"{s['inside']:.3f} / {s['outside']:.3f}"
         summaries.append(s)
     return summaries
 
 
 def _cell(summary: dict, key: str, fmt: str) -> str:
     value = summary.get(key)
-    if value is None or (isinstance(value, float) and (math.isnan(value) or (key == "paper_top1_error" and value < 0))):
+    if value is None or (isinstance(value, float) and (math.isnan(value) or (key.startswith("paper_") and value < 0))):
         return "-"
     return fmt.format(value)
 
@@ -108,7 +113,7 @@ def _analyze_run(run_dir: epath.Path, num_images: int, checkpoint: str) -> dict[
     import ml_collections
 
     from gconv import analysis, data
-    from gconv.models import model_from_config
+    from gconv.models import family_of, model_from_config
 
     config_path, ckpt_dir = run_dir / "config.json", run_dir / "checkpoints"
     steps = rundir.readable_checkpoint_steps(ckpt_dir)
@@ -130,25 +135,34 @@ def _analyze_run(run_dir: epath.Path, num_images: int, checkpoint: str) -> dict[
     out_dir.mkdir(parents=True, exist_ok=True)
     plt = plots.pyplot()
 
+    family = family_of(model)
     pairs = []
     layer_pairs = analysis.default_layer_pairs(model)
-    for (layer_a, layer_b), (corr, score, groups) in zip(
+    for (layer_a, layer_b), (corr, _, groups) in zip(
             layer_pairs, analysis.filter_correlations(model, variables, batch, layer_pairs)):
-        name = f"corr_{layer_b.split('/')[0]}.png"
+        name = f"corr_{layer_b.split('/')[0]}"
+        scores = analysis.score_blocks(corr, groups)
         fig, ax = plt.subplots(figsize=(4, 4), dpi=110)
-        ax.imshow(corr, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-        ax.set_title(f"{layer_b.split('/')[0]}: |corr|, {groups} groups, score {score:.2f}", fontsize=8)
-        ax.set_xlabel(layer_b.split("/")[-1], fontsize=8)
-        ax.set_ylabel(layer_a.split("/")[-1], fontsize=8)
+        plots.correlation_map(ax, corr, scores["blocks"],
+                              f"{layer_b}: |corr|, {groups} groups, score {scores['score']:.2f}", layer_a, layer_b)
         fig.tight_layout()
-        plots.save(fig, out_dir / name)
-        pairs.append({"layer_a": layer_a, "layer_b": layer_b, "groups": groups, "score": score, "png": name})
+        plots.save(fig, out_dir / f"{name}.png")
+        rundir.write_npy(out_dir / f"{name}.npy", corr.astype(np.float32))
+        pairs.append({"layer_a": layer_a, "layer_b": layer_b, "groups": groups, **scores, "png": f"{name}.png",
+                      "npy": f"{name}.npy"})
 
     params = jax.tree.map(np.asarray, variables["params"])
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=110)
-    ax.imshow(analysis.first_layer_view(params["stem_conv"]["kernel"]), cmap="gray", interpolation="nearest")
-    ax.set_title("first-layer filters", fontsize=8)
-    ax.axis("off")
+    first_kernel = params[family.first_conv]["kernel"]
+    first_groups = family.first_conv_groups(model)
+    panels = analysis.first_layer_by_group(first_kernel, first_groups)
+    colour = analysis.group_colour_scores(first_kernel, first_groups) if first_kernel.shape[2] == 3 else None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3), dpi=110, squeeze=False)
+    for g, (ax, panel) in enumerate(zip(axes[0], panels)):
+        ax.imshow(panel, cmap="gray", interpolation="nearest")
+        label = f"group {g} of {first_groups}" if first_groups > 1 else "first-layer filters"
+        ax.set_title(label + (f": colour score {colour[g][0]:.2f} ± {colour[g][1]:.2f}" if colour else ""), fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
     plots.save(fig, out_dir / "first_layer.png")
     if pairs:
         *parents, leaf = pairs[0]["layer_b"].split("/")
@@ -165,10 +179,12 @@ def _analyze_run(run_dir: epath.Path, num_images: int, checkpoint: str) -> dict[
         plots.save(fig, out_dir / "kernels_by_group.png")
 
     stages = analysis.compute_breakdown(model, info.image_shape)
-    scores = [p["score"] for p in pairs]
-    result = {"step": step, "pairs": pairs, "breakdown": stages, "summary": {
-        "block_diagonality": float(np.mean(scores)) if scores else None,
-        "chance": float(np.mean([1 / p["groups"] for p in pairs])) if pairs else None}}
+    mean = lambda key: float(np.mean([p[key] for p in pairs])) if pairs else None  # noqa: E731
+    result = {"step": step, "pairs": pairs, "breakdown": stages, "first_layer": {
+        "layer": family.first_conv, "groups": first_groups, "colour_scores": colour}, "summary": {
+        "block_diagonality": mean("score"), "chance": mean("chance"), "inside": mean("inside"),
+        "outside": mean("outside"),
+        "colour_scores": " / ".join(f"{m:.2f} ± {sd:.2f}" for m, sd in colour) if colour and first_groups > 1 else None}}
     rundir.write_json(out_dir / "analysis.json", result)
     return result
 
@@ -183,6 +199,15 @@ def _breakdown_of(run_dir: epath.Path) -> dict[str, float] | None:
         for kind, cost in stage.items():
             kinds[kind] = kinds.get(kind, 0.0) + cost["macs"] / 1e6
     return kinds
+
+
+def _first_correlation(run_dir: epath.Path) -> dict[str, Any] | None:
+    """The first analysed layer pair of a run: its |corr| matrix (from the saved .npy) and scores."""
+    path = run_dir / "analysis" / "analysis.json"
+    pairs = rundir.read_json(path)["pairs"] if path.exists() else []
+    if not pairs or "npy" not in pairs[0]:
+        return None
+    return {**pairs[0], "corr": rundir.read_npy(run_dir / "analysis" / pairs[0]["npy"])}
 
 
 def _pm(mean: float, std: float, n: int) -> str:
@@ -204,8 +229,10 @@ def point_table(rows: list[dict[str, Any]]) -> str:
         ("final top-1 err (%)", "final", "{}"), ("best top-1 err (%)", "best", "{}"),
         (f"Δ vs {rows[0]['name']} (pp)", "delta_pp", "{}"), ("p (Welch)", "p_value", "{}"),
         ("p (Holm)", "p_holm_value", "{}"), ("verdict", "verdict", "{}"),
-        ("paper top-1 err (%)", "paper_top1_error", "{:.1f}"), ("block-diag. score", "block_diagonality", "{:.3f}"),
-        ("chance", "chance", "{:.3f}"), ("img/s", "img_per_sec", "{:,.0f}")])
+        ("paper top-1 err (%)", "paper_top1_error", "{:.1f}"), ("paper top-5 err (%)", "paper_top5_error", "{:.1f}"),
+        ("block-diag. score", "block_diagonality", "{:.3f}"), ("chance", "chance", "{:.3f}"),
+        ("mean abs corr in / out", "inside_outside", "{}"), ("colour score by group", "colour_scores", "{}"),
+        ("img/s", "img_per_sec", "{:,.0f}")])
 
 
 def results(summaries: list[dict[str, Any]], rows: list[dict[str, Any]] | None = None) -> str:
@@ -244,6 +271,11 @@ def write_report(workdir: Any, analyze: bool = True) -> epath.Path:
         text += ["", "## Runs", "", report_table(summaries)]
     if analyze:
         first = {point: runs[0]["name"] for point, runs in by_point.items()}
+        side_by_side = {point: _first_correlation(workdir / name) for point, name in first.items()}
+        if any(side_by_side.values()):
+            plots.correlation_maps({p: c for p, c in side_by_side.items() if c}, workdir / "correlation_by_point.png")
+            pictures.append("correlation_by_point.png")
+            text += ["", "![correlation_by_point.png](correlation_by_point.png)"]
         breakdowns = {point: _breakdown_of(workdir / name) for point, name in first.items()}
         if any(breakdowns.values()):
             plots.compute_bars({p: b for p, b in breakdowns.items() if b}, workdir / "compute_breakdown.png")

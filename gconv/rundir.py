@@ -94,6 +94,25 @@ def write_text(path: epath.Path, text: str) -> None:
     tmp.replace(path)
 
 
+def write_npy(path: epath.Path, array: Any) -> None:
+    """An array as a `.npy` file at `path` (any storage), in one write."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    path.write_bytes(buffer.getvalue())
+
+
+def read_npy(path: epath.Path) -> Any:
+    import io
+
+    import numpy as np
+
+    return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+
+
 def write_json(path: epath.Path, value: Any) -> None:
     write_text(path, to_json(value, indent=2, sort_keys=True) + "\n")
 
@@ -313,9 +332,22 @@ def choose_checkpoint(run_dir: epath.Path, which: str = "latest") -> int:
 _PLACEMENT = ("mesh", "parallel")
 
 
-def _what(config_json: dict) -> dict:
-    data = {k: v for k, v in config_json.get("data", {}).items() if k != "num_workers"}
-    return {k: v for k, v in config_json.items() if k not in _PLACEMENT} | {"data": data}
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def _what(config_json: dict) -> dict[str, Any]:
+    """What a run trained with, as dotted keys: the config less placement, input threads and the published figures
+    the report shows beside it (`paper_*`), with keys it lacks at gconv's defaults (a key added to gconv since the
+    run was written, at its default, changes nothing)."""
+    from gconv.config import base_config
+
+    defaults = _flat(json.loads(base_config().to_json_best_effort()))
+    return {k: v for k, v in {**defaults, **_flat(config_json)}.items()
+            if k.split(".")[0] not in _PLACEMENT and k != "data.num_workers" and not k.startswith("paper_")}
 
 
 def check_config(run_dir: epath.Path, config_json: dict) -> None:
@@ -329,7 +361,7 @@ def check_config(run_dir: epath.Path, config_json: dict) -> None:
     differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     trained = readable_checkpoint_steps(run_dir / "checkpoints") or (run_dir / "metrics.jsonl").exists()
     if differing and trained:
-        raise ValueError(f"{run_dir} holds a run with a different config (top-level keys differing: {differing}). "
+        raise ValueError(f"{run_dir} holds a run with a different config (keys differing: {differing}). "
                          f"Resume it with the same config, or pass a new --workdir; nothing was changed.")
 
 

@@ -74,9 +74,13 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
     """One SGD step on `batch` (`image: (B, H, W, C)`, `label: (B,)`). Under `shard_map`/`pmap` pass the batch
     axis name: gradients and metrics are averaged over it (BN statistics too, through the model's `axis_name`)."""
 
+    dropout_rng = jax.random.fold_in(state.rng, state.step)  # dropout's masks: a function of (seed, step, device)
+    if axis_name is not None:
+        dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+
     def loss_fn(params):
         logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
-                                      train=True, mutable=["batch_stats"])
+                                      train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
         loss = jnp.mean(_cross_entropy(logits, batch["label"], label_smoothing))
         return loss, (logits, updates["batch_stats"])
 

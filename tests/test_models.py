@@ -119,36 +119,66 @@ def test_unknown_name_and_bad_override_raise():
 
 
 def _tiny(name, **kw):
-    """The registered model with one block/unit per stage: same widths and groups, fast to compile."""
+    """The registered model made small, same layout and groups, fast to compile: one block/unit per stage, or
+    (AlexNet, NiN) a quarter of the channels; with the input size it takes."""
     cls, spec = model_spec(name)
-    return create_model(name, stage_sizes=(1,) * len(spec.get("stage_sizes", (4, 8, 4))), num_classes=7, **kw)
+    fields = {f for f in cls.__dataclass_fields__}
+    if "stage_sizes" in fields:
+        small = dict(stage_sizes=(1,) * len(spec.get("stage_sizes", (4, 8, 4))))
+    else:
+        small = dict(width_multiplier=0.25) | (dict(fc_features=32) if "fc_features" in fields else {})
+    return create_model(name, num_classes=7, **small, **kw)
+
+
+def _input_size(model):
+    return 67 if family_of(model).name == "alexnet" else 32  # AlexNet's strided 11x11 and 3 pools need > 32
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_every_name_builds_and_runs(name):
+def test_every_name_builds(name):
+    """Every registered name, at the input size its counts are given at, from shapes alone."""
     model = create_model(name, num_classes=7)
-    res = 32
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, res, res, 3))))
-    assert jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, res, res, 3))), abstract).shape == (2, 7)
+    shape = (2,) + family_of(model).input_shape(model)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape)))
+    assert jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape)), abstract).shape == (2, 7)
+
+
+# One name of each family and structural variant (stems, stage groups, channel rounding, groups that need
+# the shuffle's all-to-all, v2's split units, LRN and dropout, grouping schemes): compiled and run.
+REPRESENTATIVES = ["resnext11_8x4d", "resnext50_32x4d", "resnet50_root8", "shufflenet_g3_w1", "shufflenet_g8_wd4",
+                   "shufflenet_v2_x0_5", "alexnet_g2", "nin_cifar_tree4"]
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVES)
+def test_representatives_compile_and_run(name):
     tiny = _tiny(name)
+    res = _input_size(tiny)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, res, res, 3))
     variables = jax.jit(tiny.init)(jax.random.PRNGKey(0), x)
     logits = jax.jit(tiny.apply)(variables, x)
     assert logits.shape == (2, 7) and bool(jnp.all(jnp.isfinite(logits)))
 
 
+def test_representatives_cover_every_family():
+    from gconv.models import FAMILIES
+
+    assert {family_of(n).name for n in REPRESENTATIVES} == {f.name for f in FAMILIES}
+
+
 def _loss_and_grads(model, variables, x, y):
     def loss(params):
-        logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                mutable=["batch_stats"])
+        logits, _ = model.apply({"params": params, "batch_stats": variables.get("batch_stats", {})}, x, train=True,
+                                mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(2)})
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return jax.jit(jax.value_and_grad(loss))(variables["params"])
 
 
-@pytest.mark.parametrize("name", ["resnext11_4x4d", "shufflenet_g3_wd4", "shufflenet_v2_x0_5"])
+@pytest.mark.parametrize("name", ["resnext11_4x4d", "shufflenet_g3_wd4", "shufflenet_v2_x0_5", "alexnet_g2",
+                                  "nin_cifar_root4"])
 def test_every_parameter_receives_a_gradient(name):
     model = _tiny(name)
-    x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+    res = _input_size(model)
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, res, res, 3))
     y = jnp.arange(4) % 7
     variables = model.init(jax.random.PRNGKey(0), x)
     loss, grads = _loss_and_grads(model, variables, x, y)

@@ -27,6 +27,15 @@ def _two_processes(workdir, *args):
     return first, second
 
 
+def _rtol(step: int) -> float:
+    """Error model of 1 process x 8 devices against 2 x 4: the all-reduce sums the 8 devices' fp32 partials in
+    another order, <= 8 * 2^-24 (~5e-7) relative per reduced value at step 1; SGD carries the difference forward
+    and, on this small network, grows it at most 4x a step (measured: 2.5-3.3x a step on two CPUs). x10 for the
+    few reductions behind each logged value. Step 2: 1.9e-5; step 6: 4.9e-3. Exactness is asserted where the same
+    program runs (the stopped-and-resumed 2-process run against the uninterrupted one)."""
+    return 10 * 8 * 2.0**-24 * 4.0 ** (step - 1)
+
+
 def _assert_close(one, two):
     """Metrics of two runs: the same records; values equal up to the order of gloo's all-reduce sums."""
     assert strip_timing(one) and [sorted(r) for r in strip_timing(one)] == [sorted(r) for r in strip_timing(two)]
@@ -35,7 +44,7 @@ def _assert_close(one, two):
             if "top1_error" in key:  # a borderline image may flip: at most one of digits' 360 eval images
                 assert abs(b[key] - a[key]) <= 100 / 360 + 1e-9, (a, b)
             else:
-                np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=f"step {a['step']} {key}")
+                np.testing.assert_allclose(b[key], a[key], rtol=_rtol(a["step"]), err_msg=f"step {a['step']} {key}")
 
 
 @pytest.mark.slow

@@ -161,7 +161,15 @@ def test_resume_may_change_where_and_how_fast_but_not_what(tmp_path):
     config.data.num_workers, config.mesh.data, config.parallel = 1, 8, "pmap"
     rundir.check_config(rundir.as_path(tmp_path), as_json(config))  # input threads and placement: accepted
     config.data.batch_size = 32
-    with pytest.raises(ValueError, match=r"top-level keys differing: \['data'\]"):
+    with pytest.raises(ValueError, match=r"keys differing: \['data.batch_size'\]"):
+        rundir.check_config(rundir.as_path(tmp_path), as_json(config))
+    config.data.batch_size = base_config().data.batch_size
+    old = as_json(base_config())
+    del old["data"]["crop_size"], old["paper_top5_error"]  # a run written before gconv had these keys
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    rundir.check_config(rundir.as_path(tmp_path), as_json(config))  # new keys at their defaults: accepted
+    config.data.crop_size = 227
+    with pytest.raises(ValueError, match=r"keys differing: \['data.crop_size'\]"):
         rundir.check_config(rundir.as_path(tmp_path), as_json(config))
 
 

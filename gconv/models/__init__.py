@@ -5,6 +5,9 @@ Names (see each family's module):
   resnext{depth}_{C}x{d}d, resnext{depth}     gconv.models.resnext: depth 11/29 (CIFAR), 50/101/152 (ImageNet)
   shufflenet_g{g}_w{w}, shufflenet_v1         gconv.models.shufflenet
   shufflenet_v2_x{0_5,1_0,1_5,2_0}, shufflenet_v2   gconv.models.shufflenet_v2
+  resnet50_root{2..64}                        gconv.models.resnext: per-stage groups (Ioannou et al.'s roots)
+  alexnet_g{1,2,4}, alexnet                   gconv.models.alexnet: Caffe's bvlc_alexnet, filter groups
+  nin_cifar, nin_cifar_{root,tree,col}{N}     gconv.models.nin: the thesis' NiN with filter-group schemes
 A name without its defining numbers (`resnext29`) takes them as arguments (`cardinality=8, base_width=64`).
 Overrides are the model's fields (`num_classes`, `dtype`, `bn_momentum`, `axis_name`, ...); one the model does
 not take raises `ValueError`.
@@ -19,17 +22,19 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
-from gconv.models import resnext, shufflenet, shufflenet_v2
+from gconv.models import alexnet, nin, resnext, shufflenet, shufflenet_v2
+from gconv.models.alexnet import AlexNet
 from gconv.models.common import ModelFamily
+from gconv.models.nin import NiN
 from gconv.models.resnext import ResNeXt, ResNeXtBottleneck
 from gconv.models.shufflenet import ShuffleNetV1, ShuffleUnit, shufflenet_v1_channels
 from gconv.models.shufflenet_v2 import InvertedResidual, ShuffleNetV2
 
 __all__ = ["create_model", "model_from_config", "list_models", "model_spec", "family_of", "register", "FAMILIES",
            "ModelFamily", "ResNeXt", "ResNeXtBottleneck", "ShuffleNetV1", "ShuffleUnit", "ShuffleNetV2",
-           "InvertedResidual", "shufflenet_v1_channels"]
+           "InvertedResidual", "shufflenet_v1_channels", "AlexNet", "NiN"]
 
-FAMILIES: list[ModelFamily] = [resnext.FAMILY, shufflenet.FAMILY, shufflenet_v2.FAMILY]
+FAMILIES: list[ModelFamily] = [resnext.FAMILY, shufflenet.FAMILY, shufflenet_v2.FAMILY, alexnet.FAMILY, nin.FAMILY]
 
 
 def register(family: ModelFamily) -> ModelFamily:

@@ -38,6 +38,10 @@ class ModelFamily:
     groups_of: a built module -> the groups that group parallelism splits over devices.
     layer_pairs: a built module -> the (layer, next grouped layer) paths whose filter correlations the analysis
       reports.
+    first_conv: the path of the first conv, whose kernels the analysis draws.
+    first_conv_groups: a built module -> the groups of the layer that consumes the first conv's output (AlexNet:
+      conv2's), by which the analysis sorts the first conv's kernels (1: one panel).
+    input_shape: a built module -> the `(H, W, C)` its published counts are given at (224x224 ImageNet, 32x32 CIFAR).
     """
     name: str
     module: type
@@ -52,6 +56,9 @@ class ModelFamily:
     split_rules: tuple = ()
     groups_of: Callable[[Any], int] = lambda model: 1
     layer_pairs: Callable[[Any], list[tuple[str, str]]] = lambda model: []
+    first_conv: str = "stem_conv"
+    first_conv_groups: Callable[[Any], int] = lambda model: 1
+    input_shape: Callable[[Any], tuple[int, int, int]] = lambda model: (224, 224, 3)
 
 
 def torch_padding(kernel: int, dilation: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:

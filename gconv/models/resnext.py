@@ -7,6 +7,10 @@ stage's bottleneck size (64, 128, 256, 512 on ImageNet) and `base_width` is d of
 Names: `resnext{depth}_{C}x{d}d` (any C and d), or `resnext{depth}` with `cardinality` and `base_width` given as
 arguments; depth 50/101/152 (ImageNet), 29 (CIFAR, paper section 5.3) or 11 (a tiny CIFAR-style variant: one
 block per stage, planes 16/32/64).
+
+Per-stage groups at a fixed bottleneck width (`stage_groups`, one entry per stage; the width is that of C = 1)
+give Ioannou et al.'s ResNet-50 root networks: `resnet50_root{N}` has N, N/2, N/4, N/8 groups (at least 1) on the
+3x3 convs of stages 2-5, in torchvision's layout (stride on the 3x3, no conv biases).
 """
 from __future__ import annotations
 
@@ -70,6 +74,7 @@ class ResNeXt(ClassifierNet):
     stem_features: int = 64
     base_planes: int = 64
     zero_init_last_bn: bool = False
+    stage_groups: Sequence[int] = ()  # groups of each stage's 3x3 at the width of C = 1 (root networks); () = C
     group_split: GroupSplit = NO_SPLIT  # group parallel: see ResNeXtBottleneck and gconv.parallel
 
     @nn.compact
@@ -82,10 +87,14 @@ class ResNeXt(ClassifierNet):
         x = nn.relu(norm(name="stem_bn")(x))
         if imagenet:
             x = max_pool_3x3_s2(x)
+        if self.stage_groups and len(self.stage_groups) != len(self.stage_sizes):
+            raise ValueError(f"stage_groups={tuple(self.stage_groups)} needs one entry per stage "
+                             f"({len(self.stage_sizes)}).")
         for i, num_blocks in enumerate(self.stage_sizes):
             planes = self.base_planes * 2**i
             width = int(planes * self.base_width / self.base_planes) * self.cardinality
-            block = functools.partial(ResNeXtBottleneck, planes, width, self.cardinality, conv, norm,
+            groups = self.stage_groups[i] if self.stage_groups else self.cardinality
+            block = functools.partial(ResNeXtBottleneck, planes, width, groups, conv, norm,
                                       zero_init_last_bn=self.zero_init_last_bn)
             x = Stage(block, num_blocks, strides=1 if i == 0 else 2, name=f"stage{i + 1}")(x)
         return self.head(x)
@@ -100,12 +109,24 @@ DEPTHS = {
     101: dict(stage_sizes=(3, 4, 23, 3)),
     152: dict(stage_sizes=(3, 8, 36, 3)),
 }
+ROOTS = (2, 4, 8, 16, 32, 64)
 VARIANTS = ("resnext11_8x4d", "resnext29_8x64d", "resnext29_16x64d", "resnext50_32x4d", "resnext101_32x4d",
-            "resnext101_32x8d", "resnext101_64x4d", "resnext152_32x4d")
+            "resnext101_32x8d", "resnext101_64x4d", "resnext152_32x4d") + tuple(f"resnet50_root{n}" for n in ROOTS)
 _NAME = re.compile(r"resnext(\d+)(?:_(\d+)x(\d+)d)?")
+_ROOT = re.compile(r"resnet(50|101|152)_root(\d+)")
+
+
+def root_groups(n: int, stages: int = 4) -> tuple[int, ...]:
+    """Ioannou et al.'s root-N: N, N/2, N/4, ... groups on the 3x3s of successive stages, at least 1."""
+    return tuple(max(1, n // 2**i) for i in range(stages))
 
 
 def parse_name(name: str) -> dict | None:
+    root = _ROOT.fullmatch(name)
+    if root:
+        n = int(root.group(2))
+        return dict(DEPTHS[int(root.group(1))], cardinality=1, base_width=64, stage_groups=root_groups(n)) if (
+            n >= 1) else None
     match = _NAME.fullmatch(name)
     if not match or int(match.group(1)) not in DEPTHS:
         return None
@@ -119,7 +140,18 @@ def parse_name(name: str) -> dict | None:
 
 def name_of(model: ResNeXt) -> str:
     depth = 3 * sum(model.stage_sizes) + 2  # three convs per block, plus stem and head
+    if model.stage_groups:
+        groups = tuple(model.stage_groups)
+        if (model.cardinality, model.base_width) == (1, 64) and groups == root_groups(groups[0], len(groups)):
+            return f"resnet{depth}_root{groups[0]}"
+        return f"resnext{depth}_{model.cardinality}x{model.base_width}d_g{'-'.join(map(str, groups))}"
     return f"resnext{depth}_{model.cardinality}x{model.base_width}d"
+
+
+def fields_of(model: ResNeXt) -> dict:
+    if model.stage_groups:
+        return {"stage groups": "/".join(map(str, model.stage_groups)), "width d": model.base_width}
+    return {"cardinality": model.cardinality, "width d": model.base_width}
 
 
 _TORCH_LAYERS = {"conv_reduce": "conv1", "bn_reduce": "bn1", "conv_group": "conv2", "bn_group": "bn2",
@@ -129,7 +161,7 @@ _TORCH_LAYERS = {"conv_reduce": "conv1", "bn_reduce": "bn1", "conv_group": "conv
 FAMILY = ModelFamily(
     name="resnext", module=ResNeXt, parse=parse_name, variants=VARIANTS, name_fields=("cardinality", "base_width"),
     bare_name="resnext{depth}", name_of=name_of,
-    fields_of=lambda m: {"cardinality": m.cardinality, "width d": m.base_width}, sweep_axis="cardinality",
+    fields_of=fields_of, sweep_axis="cardinality",
     torch_name=torch_namer({"stem_conv": "conv1", "stem_bn": "bn1", "head": "fc"},  # torchvision/timm layout
                            lambda stage, j, layer: f"layer{stage}.{j}.{_TORCH_LAYERS[layer]}"),
     split_rules=(  # how each parameter (and its optimizer state) is split over the model axis; the rest replicated
@@ -137,7 +169,8 @@ FAMILY = ModelFamily(
         (r"bn_(reduce|group)/", (MODEL,)),
         (r"conv_expand/kernel", (None, None, MODEL, None)),  # input rows of the row-parallel 1x1
     ),
-    groups_of=lambda m: m.cardinality,
+    groups_of=lambda m: min(m.stage_groups) if m.stage_groups else m.cardinality,
     layer_pairs=lambda m: [(f"stage{i + 1}/block0/conv_reduce", f"stage{i + 1}/block0/conv_group")
                            for i in range(len(m.stage_sizes))],  # the first block's (reduce 1x1, grouped 3x3)
+    input_shape=lambda m: (32, 32, 3) if m.stem == "cifar" else (224, 224, 3),
 )
