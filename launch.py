@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
         result = report.analyze_run(args.target, checkpoint=args.checkpoint)
         for pair in result["pairs"]:
             print(f"{pair['layer_a']} -> {pair['layer_b']}: block-diagonality {pair['score']:.3f} "
-                  f"(chance {pair['chance']:.3f}, {pair['blocks']} blocks); mean |corr| inside {pair['inside']:.3f}, "
+                  f"(chance {pair['chance']:.3f}) at {pair['blocks']} blocks; mean |corr| inside {pair['inside']:.3f}, "
                   f"outside {pair['outside']:.3f}")
         if result["first_layer"]["colour_scores"]:
             print(f"{result['first_layer']['layer']} colour score by group: " + ", ".join(
