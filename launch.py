@@ -3,7 +3,7 @@
     python launch.py                                   # default experiment (digits cardinality ablation)
     python launch.py --config experiments/cifar10_resnext29.py:local --workdir runs/c10
     python launch.py --point c4 --config.optim.learning_rate=0.05
-    python launch.py report WORKDIR                    # rebuild a sweep's report
+    python launch.py report WORKDIR                    # rebuild a sweep's report (--skip_analysis: tables, plots)
     python launch.py analyze RUN_DIR                   # filter correlations, kernel views, compute of one run
     python launch.py eval RUN_DIR --checkpoint best    # top-1/top-5 error and loss of a run's checkpoint
     python launch.py eval WEIGHTS.pth --model resnext50_32x4d --config EXP.py   # a PyTorch file on EXP's data
@@ -16,6 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
+
+DEBUG_ENV = "GCONV_DEBUG"
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
@@ -34,6 +37,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     parser.add_argument("--coordinator_address", help="HOST:PORT of process 0 (default: $JAX_COORDINATOR_ADDRESS)")
     parser.add_argument("--num_processes", help="number of processes (default: $JAX_NUM_PROCESSES)")
     parser.add_argument("--process_id", help="this process's index, 0..num_processes-1 (default: $JAX_PROCESS_ID)")
+    parser.add_argument("--skip_analysis", action="store_true",
+                        help="train/report: write the report without analysing each run's filters (faster)")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of any error instead of one line (also: {DEBUG_ENV}=1)")
     args, rest = parser.parse_known_args(argv)
     overrides = {}
     for item in rest:
@@ -64,7 +71,7 @@ def main(argv: list[str]) -> int:
         print(f"wrote {os.path.join(args.target, 'analysis')}")
         return 0
     if args.command == "report":
-        path = report.write_report(args.target)
+        path = report.write_report(args.target, analyze=not args.skip_analysis)
         print(report.results(report.load_summaries(args.target)))
         print(f"wrote {path}")
         return 0
@@ -72,10 +79,10 @@ def main(argv: list[str]) -> int:
     import jax
 
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a sweep's seeds (and relaunches) reuse compiled steps
-        from gconv.rundir import cache_dir
+        from gconv.storage import cache_dir
 
         jax.config.update("jax_compilation_cache_dir", cache_dir("xla"))
-    from gconv import rundir
+    from gconv import storage
     from gconv.config import expand_sweep, load_experiment
     from gconv.preflight import preflight
     from gconv.train import Stopped, train_and_evaluate
@@ -98,7 +105,7 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"sweep point {point!r}: {e}") from e
     name = os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0]
     suffix = args.config.partition(":")[2]
-    workdir = rundir.as_path(args.workdir or os.path.join("runs", name + (f"_{suffix}" if suffix else "")))
+    workdir = storage.as_path(args.workdir or os.path.join("runs", name + (f"_{suffix}" if suffix else "")))
     for point, point_config in runs:
         print(f"== {point} -> {workdir / point}", flush=True)
         try:
@@ -107,7 +114,7 @@ def main(argv: list[str]) -> int:
             print(e, flush=True)
             return 128 + e.signum
     if jax.process_index() == 0:
-        path = report.write_report(workdir)
+        path = report.write_report(workdir, analyze=not args.skip_analysis)
         print(report.results(report.load_summaries(workdir)))
         print(f"wrote {path}")
     if jax.process_count() > 1:  # the others wait for the report, then all leave together
@@ -173,23 +180,28 @@ def distributed_args(args: argparse.Namespace, environ) -> dict:
 
 def run(argv: list[str]) -> int:
     """`main`, with every anticipated failure (bad config or value, missing data, a busy or damaged run directory,
-    a NaN loss) as one `error: ...` line on stderr and exit code 2 instead of a traceback. In a multi-process run,
-    any failure of one process ends every process at once, each naming the process that failed first."""
-    from gconv.rundir import RunDirError
+    a NaN loss) as one `error: ...` line on stderr and exit code 2 instead of a traceback. `--debug` (or
+    `GCONV_DEBUG=1`) re-raises instead, with the whole traceback: for a bug in a model or experiment under
+    development. In a multi-process run, any failure of one process ends every process at once, each naming the
+    process that failed first."""
+    from gconv.storage import RunDirError
 
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return main(argv)
     except (KeyError, ValueError, FileNotFoundError, FloatingPointError, ImportError, RunDirError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        if debug and not _multiprocess():
+            raise
+        if debug:
+            traceback.print_exc()
         if _multiprocess():
             _leave_together(f"{message}", 2)
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        print(f"error: {message} (--debug or {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr, flush=True)
         return 2
     except Exception as e:
         if not _multiprocess():
             raise
-        import traceback
-
         traceback.print_exc()
         _leave_together(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", 1)
 

@@ -10,13 +10,17 @@ import ast
 import contextlib
 import difflib
 import importlib.util
+import json
 import os
 from typing import Any, Iterable
 
 import ml_collections
+from etils import epath
+
+from gconv import checkpoints, storage
 
 __all__ = ["load_experiment", "apply_overrides", "expand_sweep", "flat_keys", "parse_value", "base_config",
-           "make_local", "cardinality_sweep"]
+           "make_local", "cardinality_sweep", "check_config"]
 
 
 def load_experiment(spec: str) -> tuple[ml_collections.ConfigDict, list[dict[str, Any]]]:
@@ -196,3 +200,38 @@ def cardinality_sweep(cardinalities: Iterable[int], channels: int = 256, base_wi
 
     return [{"name": f"c{c}", "model.cardinality": c, "model.base_width": preserving_width(c, channels, base_width)}
             for c in cardinalities]
+
+
+# Where a run executes, not what it computes (mesh, step transform, input threads): free to change on resume.
+_PLACEMENT = ("mesh", "parallel")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def _what(config_json: dict) -> dict[str, Any]:
+    """What a run trained with, as dotted keys: the config less placement, input threads and the published figures
+    the report shows beside it (`paper_*`), with keys it lacks at gconv's defaults (a key added to gconv since the
+    run was written, at its default, changes nothing)."""
+    defaults = _flat(json.loads(base_config().to_json_best_effort()))
+    return {k: v for k, v in {**defaults, **_flat(config_json)}.items()
+            if k.split(".")[0] not in _PLACEMENT and k != "data.num_workers" and not k.startswith("paper_")}
+
+
+def check_config(run_dir: epath.Path, config_json: dict) -> None:
+    """Refuses a run directory whose training was done with a different configuration (`config_json`: the new
+    config as JSON). A `config.json` left by a start that trained nothing (no checkpoint, no metrics) does not
+    block, and neither do placement keys."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    old, new = _what(storage.read_json(path)), _what(config_json)
+    differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    trained = checkpoints.readable_checkpoint_steps(run_dir / "checkpoints") or (run_dir / "metrics.jsonl").exists()
+    if differing and trained:
+        raise ValueError(f"{run_dir} holds a run with a different config (keys differing: {differing}). "
+                         f"Resume it with the same config, or pass a new --workdir; nothing was changed.")

@@ -97,7 +97,8 @@ def load_torch_weights(model_name: str, source: str | Path | Mapping[str, Any], 
     state dict. `num_classes`: None keeps the checkpoint's classifier; another value replaces it with a freshly
     initialised head (from `seed`)."""
     state = read_state_dict(source)
-    head_key = torch_key(model_name, ("head", "kernel"))
+    head = tuple(family_of(model_name).head.split("/"))
+    head_key = torch_key(model_name, head + ("kernel",))
     if head_key not in state:
         raise ValueError(f"the checkpoint has no classifier {head_key!r}: is it a {model_name} in the "
                          f"torchvision/timm/imgclsmob layout? Its first keys: {sorted(state)[:8]}.")
@@ -111,7 +112,7 @@ def load_torch_weights(model_name: str, source: str | Path | Mapping[str, Any], 
         def convert(path, leaf, collection=collection):
             names = tuple(str(k.key) for k in path)
             key = torch_key(model_name, names)
-            if replace_head and names[0] == "head":
+            if replace_head and names[:len(head)] == head:
                 used.add(key)
                 return leaf
             if key not in state:
@@ -153,10 +154,10 @@ def load_torch_weights_for(config: Any, num_classes: int) -> dict[str, Any]:
 
 
 def pretrained_file(model_name: str, tag: str) -> Path:
-    """The local file of published weights `tag` for `model_name`, downloaded into `rundir.cache_dir()` the first time and
+    """The local file of published weights `tag` for `model_name`, downloaded into `storage.cache_dir()` the first time and
     checked against the hash in its name. Raises `ValueError` for an unknown tag or a wrong hash (the download is
     not kept) and `FileNotFoundError` when it is not cached and cannot be downloaded."""
-    from gconv import rundir
+    from gconv import storage
 
     url = PRETRAINED.get((model_name, tag))
     if url is None:
@@ -164,7 +165,7 @@ def pretrained_file(model_name: str, tag: str) -> Path:
         raise ValueError(f"no published weights {tag!r} for {model_name}: known tags {known or 'none'}; models with "
                          f"weights: {sorted({name for name, _ in PRETRAINED})}.")
     filename = url.rsplit("/", 1)[1]
-    path = Path(rundir.cache_dir()) / filename
+    path = Path(storage.cache_dir()) / filename
     if path.is_file():
         return path
     expected = re.search(r"-([0-9a-f]+)\.[a-z]+$", filename).group(1)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from gconv import data as data_lib
-from gconv import rundir
+from gconv import checkpoints, storage
 from gconv.models import family_of, model_from_config
 from gconv.train import TrainState, eval_step, evaluate
 
@@ -27,20 +27,21 @@ def evaluate_variables(model: Any, variables: dict, data: ml_collections.ConfigD
     return {**scores, "images": len(source)}
 
 
-def _classes(variables: dict) -> int:
-    """The number of classes of a model's variables: its classifier's (`head`, as every family names it) outputs."""
-    return variables["params"]["head"]["kernel"].shape[-1]
+def _classes(variables: dict, model_name: str) -> int:
+    """The number of classes of a model's variables: the outputs of the classifier its family declares."""
+    family = family_of(model_name)
+    return family.params_at(variables["params"], family.head)["kernel"].shape[-1]
 
 
 def evaluate_run(run_dir: Any, checkpoint: str = "latest", split: str = "eval") -> dict:
     """Evaluates a run directory's checkpoint (`checkpoint`: latest, best or a step) with the run's own config."""
-    run_dir = rundir.as_path(run_dir)
+    run_dir = storage.as_path(run_dir)
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"{run_dir} has no config.json: pass the directory of a run (WORKDIR/POINT).")
-    config = ml_collections.ConfigDict(rundir.read_json(run_dir / "config.json"))
-    step = rundir.choose_checkpoint(run_dir, checkpoint)
-    restored = rundir.restore_on_host(run_dir / "checkpoints" / str(step) / "default")
-    model = model_from_config(config.model, _classes(restored))
+    config = ml_collections.ConfigDict(storage.read_json(run_dir / "config.json"))
+    step = checkpoints.choose_checkpoint(run_dir, checkpoint)
+    restored = checkpoints.restore_on_host(run_dir / "checkpoints" / str(step) / "default")
+    model = model_from_config(config.model, _classes(restored, config.model.name))
     scores = evaluate_variables(model, restored, config.data, split)
     return {**scores, "model": family_of(model).name_of(model), "step": step, "split": split}
 
@@ -51,5 +52,5 @@ def evaluate_weights(path: str, model_name: str, data: ml_collections.ConfigDict
     from gconv.convert import load_torch_weights
 
     variables = load_torch_weights(model_name, path)
-    model = model_from_config({"name": model_name}, _classes(variables))
+    model = model_from_config({"name": model_name}, _classes(variables, model_name))
     return {**evaluate_variables(model, variables, data, split), "model": model_name, "split": split}

@@ -78,9 +78,9 @@ class StepProfiler:
         if step == self.first:
             import jax
 
-            from gconv import rundir
+            from gconv import storage
 
-            self._local = rundir.local_dir_for(self.out_dir, "gconv-profile-")
+            self._local = storage.local_dir_for(self.out_dir, "gconv-profile-")
             jax.profiler.start_trace(self._local)
             self.active = True
 
@@ -96,11 +96,11 @@ class StepProfiler:
             return
         import jax
 
-        from gconv import rundir
+        from gconv import storage
 
         jax.profiler.stop_trace()
         self.active = False
-        rundir.mirror(self._local, self.out_dir)
+        storage.mirror(self._local, self.out_dir)
 
 
 def parse_steps(spec: str) -> tuple[int, int]:

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from gconv import plots, rundir, stats, tensorboard
+from gconv import checkpoints, metrics_log, plots, stats, storage, tensorboard
 
-__all__ = ["run_summary", "load_summaries", "report_table", "point_table", "results", "analyze_run", "write_report"]
+__all__ = ["load_summaries", "report_table", "point_table", "results", "analyze_run", "write_report"]
 
 FIRST_COLUMNS = [("point", "name", "{}"), ("model", "model", "{}")]  # (header, summary key, format)
 COLUMNS = [  # after the model's own fields (each family's `fields_of`: cardinality, groups, width, ...)
@@ -27,39 +27,15 @@ COLUMNS = [  # after the model's own fields (each family's `fields_of`: cardinal
 ]
 
 
-def run_summary(run_dir: Any, model: Any, config: Any, image_shape: tuple[int, ...], params: Any,
-                history: list[dict], throughput: list[float], total_steps: int) -> dict[str, Any]:
-    """A finished run in one record (`summary.json`, what reports read): what was built, its cost, its errors
-    (from the `metrics.jsonl` records `history`) and speed (`throughput`: img/s of the session's log intervals)."""
-    from gconv.complexity import count_macs, count_params
-    from gconv.models import family_of
-
-    evals = {r["step"]: r["eval_top1_error"] for r in history if "eval_top1_error" in r}
-    previous = rundir.read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else {}
-    family, seeds = family_of(model), config.get("seeds", 1)
-    return {
-        "name": run_dir.name, "point": run_dir.name.removesuffix(f"_seed{config.seed}") if seeds > 1 else run_dir.name,
-        "seed": config.seed, "model": family.name_of(model), "family": family.name, "steps": total_steps,
-        "fields": family.fields_of(model), "sweep_axis": family.sweep_axis,
-        "params": count_params(params), "mmacs": count_macs(model, image_shape) / 1e6,
-        "final_top1_error": evals[max(evals)] if evals else None, "best_top1_error": min(evals.values(), default=None),
-        "best_step": min(evals, key=lambda k: (evals[k], -k)) if evals else None,
-        "img_per_sec": float(np.median(throughput)) if throughput else previous.get("img_per_sec"),
-        "wall_time": max((r.get("wall_time") or 0.0 for r in history), default=0.0),
-        "paper_top1_error": config.get("paper_top1_error"), "paper_top5_error": config.get("paper_top5_error"),
-        "final_top5_error": [r["eval_top5_error"] for r in history if "eval_top5_error" in r][-1] if evals else None,
-    }
-
-
 def load_summaries(workdir: Any) -> list[dict[str, Any]]:
     """The `summary.json` of each run directory directly under `workdir`, in directory order."""
-    workdir = rundir.as_path(workdir)
+    workdir = storage.as_path(workdir)
     if not workdir.is_dir():
         raise FileNotFoundError(f"workdir {str(workdir)!r} does not exist: pass the --workdir of a finished sweep.")
     summaries = []
     natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.parent.name)]  # noqa: E731
     for path in sorted(workdir.glob("*/summary.json"), key=natural):
-        s = rundir.read_json(path)
+        s = storage.read_json(path)
         if "fields" not in s:  # a summary from before summaries named their model's fields
             s["fields"] = {k: s[k] for k in ("cardinality", "base_width", "groups", "width_multiplier", "shuffle")
                            if s.get(k) is not None}
@@ -68,7 +44,7 @@ def load_summaries(workdir: Any) -> list[dict[str, Any]]:
         s.update({f"field:{k}": v for k, v in s["fields"].items()})
         analysis_path = path.parent / "analysis" / "analysis.json"
         if analysis_path.exists():
-            s.update(rundir.read_json(analysis_path)["summary"])
+            s.update(storage.read_json(analysis_path)["summary"])
             if s.get("inside") is not None:
                 s["inside_outside"] = f"{s['inside']:.3f} / {s['outside']:.3f}"
         summaries.append(s)
@@ -105,7 +81,7 @@ def analyze_run(run_dir: Any, num_images: int = 128, checkpoint: str = "latest")
     from gconv import autotune
 
     with autotune.static():  # one pass over a few images: timing lowerings would cost more than it saves
-        return _analyze_run(rundir.as_path(run_dir), num_images, checkpoint)
+        return _analyze_run(storage.as_path(run_dir), num_images, checkpoint)
 
 
 def _analyze_run(run_dir: epath.Path, num_images: int, checkpoint: str) -> dict[str, Any]:
@@ -116,19 +92,19 @@ def _analyze_run(run_dir: epath.Path, num_images: int, checkpoint: str) -> dict[
     from gconv.models import family_of, model_from_config
 
     config_path, ckpt_dir = run_dir / "config.json", run_dir / "checkpoints"
-    steps = rundir.readable_checkpoint_steps(ckpt_dir)
+    steps = checkpoints.readable_checkpoint_steps(ckpt_dir)
     if not config_path.exists() or not steps:
         raise FileNotFoundError(f"{run_dir} has no config.json and checkpoint: pass the directory of a run "
                                 f"(WORKDIR/POINT) that has trained.")
-    config = ml_collections.ConfigDict(rundir.read_json(config_path))
+    config = ml_collections.ConfigDict(storage.read_json(config_path))
     source, info = data.get_source(config.data, "eval")
     batch = next(data.eval_batches(source, info, min(num_images, len(source))))["image"]
     model = model_from_config(config.model, info.num_classes)
-    restore = lambda step: rundir.restore_on_host(ckpt_dir / str(step) / "default")  # noqa: E731
+    restore = lambda step: checkpoints.restore_on_host(ckpt_dir / str(step) / "default")  # noqa: E731
     if checkpoint == "latest":  # the newest readable one, setting damaged ones aside
-        step, restored = rundir.restore_newest_readable(ckpt_dir, restore, steps)
+        step, restored = checkpoints.restore_newest_readable(ckpt_dir, restore, steps)
     else:
-        step = rundir.choose_checkpoint(run_dir, checkpoint)
+        step = checkpoints.choose_checkpoint(run_dir, checkpoint)
         restored = restore(step)
     variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
     out_dir = run_dir / "analysis"
@@ -147,12 +123,12 @@ def _analyze_run(run_dir: epath.Path, num_images: int, checkpoint: str) -> dict[
                               f"{layer_b}: |corr|, {groups} groups, score {scores['score']:.2f}", layer_a, layer_b)
         fig.tight_layout()
         plots.save(fig, out_dir / f"{name}.png")
-        rundir.write_npy(out_dir / f"{name}.npy", corr.astype(np.float32))
+        storage.write_npy(out_dir / f"{name}.npy", corr.astype(np.float32))
         pairs.append({"layer_a": layer_a, "layer_b": layer_b, "groups": groups, **scores, "png": f"{name}.png",
                       "npy": f"{name}.npy"})
 
     params = jax.tree.map(np.asarray, variables["params"])
-    first_kernel = params[family.first_conv]["kernel"]
+    first_kernel = family.params_at(params, family.first_conv)["kernel"]
     first_groups = family.first_conv_groups(model)
     panels = analysis.first_layer_by_group(first_kernel, first_groups)
     colour = analysis.group_colour_scores(first_kernel, first_groups) if first_kernel.shape[2] == 3 else None
@@ -185,7 +161,7 @@ def _analyze_run(run_dir: epath.Path, num_images: int, checkpoint: str) -> dict[
         "block_diagonality": mean("score"), "chance": mean("chance"), "inside": mean("inside"),
         "outside": mean("outside"),
         "colour_scores": " / ".join(f"{m:.2f} ± {sd:.2f}" for m, sd in colour) if colour and first_groups > 1 else None}}
-    rundir.write_json(out_dir / "analysis.json", result)
+    storage.write_json(out_dir / "analysis.json", result)
     return result
 
 
@@ -195,7 +171,7 @@ def _breakdown_of(run_dir: epath.Path) -> dict[str, float] | None:
     if not path.exists():
         return None
     kinds: dict[str, float] = {}
-    for stage in rundir.read_json(path)["breakdown"].values():
+    for stage in storage.read_json(path)["breakdown"].values():
         for kind, cost in stage.items():
             kinds[kind] = kinds.get(kind, 0.0) + cost["macs"] / 1e6
     return kinds
@@ -204,10 +180,10 @@ def _breakdown_of(run_dir: epath.Path) -> dict[str, float] | None:
 def _first_correlation(run_dir: epath.Path) -> dict[str, Any] | None:
     """The first analysed layer pair of a run: its |corr| matrix (from the saved .npy) and scores."""
     path = run_dir / "analysis" / "analysis.json"
-    pairs = rundir.read_json(path)["pairs"] if path.exists() else []
+    pairs = storage.read_json(path)["pairs"] if path.exists() else []
     if not pairs or "npy" not in pairs[0]:
         return None
-    return {**pairs[0], "corr": rundir.read_npy(run_dir / "analysis" / pairs[0]["npy"])}
+    return {**pairs[0], "corr": storage.read_npy(run_dir / "analysis" / pairs[0]["npy"])}
 
 
 def _pm(mean: float, std: float, n: int) -> str:
@@ -248,7 +224,7 @@ def write_report(workdir: Any, analyze: bool = True) -> epath.Path:
     and its verdict in words), `error_vs_<sweep axis>.png`, `error_vs_mmacs.png` and `learning_curves.png`; with
     `analyze`, first runs `analyze_run` on each run and adds its scores, pictures and `compute_breakdown.png`.
     The pictures also go to `WORKDIR/tensorboard` as TensorBoard images."""
-    workdir = rundir.as_path(workdir)
+    workdir = storage.as_path(workdir)
     if analyze:
         for summary in load_summaries(workdir):
             analyze_run(workdir / summary["name"])
@@ -263,7 +239,7 @@ def write_report(workdir: Any, analyze: bool = True) -> epath.Path:
     plots.error_vs(rows, lambda r: r.get(f"field:{axis}"), axis, workdir / pictures[0], axis != "width")
     plots.error_vs(rows, lambda r: r.get("mmacs"), "MMACs (multiply-adds)", workdir / pictures[1], False)
     by_point = stats.group_by_point(summaries)
-    curves = {point: [rundir.read_metrics(workdir / r["name"] / "metrics.jsonl") for r in runs]
+    curves = {point: [metrics_log.read_metrics(workdir / r["name"] / "metrics.jsonl") for r in runs]
               for point, runs in by_point.items()}
     plots.learning_curves(curves, workdir / pictures[2])
     text = [f"# Report: {workdir.name}", "", results(summaries, rows), ""] + [f"![{name}]({name})" for name in pictures]
@@ -289,6 +265,6 @@ def write_report(workdir: Any, analyze: bool = True) -> epath.Path:
             pngs = sorted((workdir / name / "analysis").glob("*.png"))
             text += ["", f"### {point}"] + [f"![{p.name}]({name}/analysis/{p.name})" for p in pngs]
     path = workdir / "report.md"
-    rundir.write_text(path, "\n".join(text) + "\n")
+    storage.write_text(path, "\n".join(text) + "\n")
     tensorboard.write_images(workdir / "tensorboard", {name: workdir / name for name in pictures})
     return path

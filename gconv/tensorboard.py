@@ -1,6 +1,6 @@
 """TensorBoard event files beside `metrics.jsonl` (which stays the source for reports and resume), written with
 tensorboardX: no TensorFlow needed. On any storage: events are written to a local file and mirrored to the run
-directory after each record when that directory is remote (`rundir.mirror`)."""
+directory after each record when that directory is remote (`storage.mirror`)."""
 from __future__ import annotations
 
 import shutil
@@ -8,7 +8,7 @@ from typing import Any
 
 from etils import epath
 
-from gconv import rundir
+from gconv import storage
 
 __all__ = ["EventLog", "write_images"]
 
@@ -28,7 +28,7 @@ class EventLog:
 
         if log_dir.exists():
             log_dir.rmtree()
-        self._local = rundir.local_dir_for(log_dir, "gconv-tb-")
+        self._local = storage.local_dir_for(log_dir, "gconv-tb-")
         self.writer = SummaryWriter(self._local, flush_secs=3600)
         for record in records:
             self._add(record)
@@ -47,13 +47,13 @@ class EventLog:
 
     def flush(self) -> None:
         self.writer.flush()
-        rundir.mirror(self._local, self.log_dir)  # the event files are small: copied whole
+        storage.mirror(self._local, self.log_dir)  # the event files are small: copied whole
 
     def close(self) -> None:
         if self.enabled:
             self.flush()
             self.writer.close()
-            if rundir.is_remote(self.log_dir):
+            if storage.is_remote(self.log_dir):
                 shutil.rmtree(self._local, ignore_errors=True)
 
 

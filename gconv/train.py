@@ -1,7 +1,7 @@
 """Training and evaluation: the pure steps, and the loop that ties them to data, checkpoints and logs.
 
 `train_and_evaluate(config, workdir)` trains one configuration in a run directory (local or `gs://`, see
-`gconv.rundir`). Relaunched on the same workdir it resumes from the newest readable checkpoint (step, params, batch
+`gconv.storage`). Relaunched on the same workdir it resumes from the newest readable checkpoint (step, params, batch
 stats, optimizer state, RNG; the data position is the step; the metrics of the unlogged steps since the last log
 line in `pending.json`) and ends with exactly the metrics of an uninterrupted run, after SIGKILL, SIGTERM or SIGINT.
 """
@@ -24,14 +24,15 @@ import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
 from gconv import data as data_lib
-from gconv import parallel, rundir
+from gconv import checkpoints, metrics_log, parallel, runlock, storage
+from gconv.config import check_config
 from gconv.convert import load_torch_weights_for
 from gconv.models import model_from_config
 from gconv.optim import create_optimizer
 from gconv.preemption import StopFlag, Stopped
 from gconv.preflight import preflight
 from gconv.progress import Progress, StepProfiler
-from gconv.report import run_summary
+from gconv.summary import run_summary
 
 __all__ = ["TrainState", "create_optimizer", "create_train_state", "train_step", "eval_step", "evaluate",
            "train_and_evaluate", "Stopped"]
@@ -130,15 +131,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> dict[
     Nothing is written before `preflight` passes; the run directory is locked while the run is in it.
     """
     preflight(config)
-    run_dir = rundir.as_path(workdir)
+    run_dir = storage.as_path(workdir)
     config_json = json.loads(config.to_json_best_effort())
-    rundir.check_config(run_dir, config_json)
-    with rundir.RunLock(run_dir) if jax.process_index() == 0 else contextlib.nullcontext() as lock:
+    check_config(run_dir, config_json)
+    with runlock.RunLock(run_dir) if jax.process_index() == 0 else contextlib.nullcontext() as lock:
         return _train(config, config_json, run_dir, lock)
 
 
 def _train(config: ml_collections.ConfigDict, config_json: dict, run_dir: Any,
-           lock: rundir.RunLock | None) -> dict[str, Any]:
+           lock: runlock.RunLock | None) -> dict[str, Any]:
     is_main = lock is not None
     # Data.
     train_source, info = data_lib.get_source(config.data, "train")
@@ -156,7 +157,7 @@ def _train(config: ml_collections.ConfigDict, config_json: dict, run_dir: Any,
     tx, schedule = create_optimizer(config.optim, steps_per_epoch, total_steps)
     state = create_train_state(model, tx, info.image_shape, config.seed)
     ckpt_dir = run_dir / "checkpoints"
-    steps = rundir.readable_checkpoint_steps(ckpt_dir)
+    steps = checkpoints.readable_checkpoint_steps(ckpt_dir)
     if config.init_from and not steps:  # parameters and BN statistics from a PyTorch checkpoint
         variables = load_torch_weights_for(config, info.num_classes)
         state = state.replace(**variables, opt_state=tx.init(variables["params"]))
@@ -164,21 +165,21 @@ def _train(config: ml_collections.ConfigDict, config_json: dict, run_dir: Any,
     if mesh.size > 1:
         state = parallel.shard_state(state, mesh, specs)
     checkpointer = ocp.StandardCheckpointer()
-    resume_step, restored = rundir.restore_newest_readable(  # onto this run's mesh and shardings
+    resume_step, restored = checkpoints.restore_newest_readable(  # onto this run's mesh and shardings
         ckpt_dir, lambda s: checkpointer.restore(ckpt_dir / str(s) / "default", state), steps, set_aside=is_main)
     state = restored if resume_step is not None else state
     start_step = int(state.step)
     if is_main:  # the config is good and the state is built: from here on the directory holds this run
-        rundir.write_json(run_dir / "config.json", config_json)
+        storage.write_json(run_dir / "config.json", config_json)
     summary_path = run_dir / "summary.json"
     if start_step >= total_steps and summary_path.exists():
         print(f"{run_dir.name}: already trained to step {start_step}; its summary is kept.", flush=True)
-        return rundir.read_json(summary_path)
+        return storage.read_json(summary_path)
     if is_main and resume_step is not None:
         print(f"{run_dir.name}: resuming at step {start_step} from {ckpt_dir / str(resume_step)}", flush=True)
-    manager = ocp.CheckpointManager(ckpt_dir, options=rundir.checkpoint_options(config.keep_checkpoints))
-    log = rundir.MetricsLog(run_dir / "metrics.jsonl", start_step, enabled=is_main)  # and TensorBoard events
-    pending = rundir.PendingMetrics(run_dir, start_step, enabled=is_main)
+    manager = ocp.CheckpointManager(ckpt_dir, options=checkpoints.checkpoint_options(config.keep_checkpoints))
+    log = metrics_log.MetricsLog(run_dir / "metrics.jsonl", start_step, enabled=is_main)  # and TensorBoard events
+    pending = metrics_log.PendingMetrics(run_dir, start_step, enabled=is_main)
 
     # Steps on the mesh, and this process's rows of the input from the resumed position.
     train_fn, eval_fn, place_train, place_eval = parallel.compile_steps(
@@ -242,5 +243,5 @@ def _train(config: ml_collections.ConfigDict, config_json: dict, run_dir: Any,
         profiler.close()
     summary = run_summary(run_dir, model, config, info.image_shape, state.params, log.records, throughput, total_steps)
     if is_main:
-        rundir.write_json(summary_path, summary)
+        storage.write_json(summary_path, summary)
     return summary

@@ -1,14 +1,24 @@
 """Test setup and shared helpers.
 
-8 simulated CPU devices for the multi-device tests (CI sets the same flag), and grouped convs lowered by the static
-rule (`GCONV_AUTOTUNE=0`): deterministic, and no time spent measuring; tests/test_autotune.py turns measuring on
-where it is the subject. Compiled programs are cached on disk across processes. Tests marked `slow` (multi-process
-runs, signals, object storage) can be left out while iterating: `pytest -m "not slow"`.
+8 simulated CPU devices for the multi-device tests (CI sets the same flag), programs compiled at low optimisation,
+and grouped convs lowered by the static rule (`GCONV_AUTOTUNE=0`): deterministic, and no time spent measuring;
+tests/test_autotune.py turns measuring on where it is the subject. Compiled programs are cached on disk across processes. Tests marked `slow` (multi-process
+runs, signals, object storage, the documentation's commands) are the slow tier: `pytest -m slow`; the README's
+test command runs the rest, `pytest -m "not slow"`.
 """
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    _flags += " --xla_force_host_platform_device_count=8"
+assert "device_count=8" in _flags, f"the suite runs on 8 simulated devices; XLA_FLAGS={_flags!r}"
+# LLVM at -O0: 40 % less compile time for the suite's tiny programs, whose run time is negligible. No test compares
+# against values computed under other flags (fixtures are compared within error-model tolerances), and every
+# subprocess inherits the same flags, so runs that must agree exactly still run the same code.
+if "xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("GCONV_AUTOTUNE", "0")
 # One persistent XLA compilation cache for the whole session (both xdist workers and every launch.py they start):
@@ -28,18 +38,61 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _launch_module():
+    spec = importlib.util.spec_from_file_location("gconv_launch", ROOT / "launch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def cli(monkeypatch):
     """`launch.py` in this process: `cli(*args) -> exit code`, with the repository as working directory."""
     monkeypatch.chdir(ROOT)
-    spec = importlib.util.spec_from_file_location("gconv_launch", ROOT / "launch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _launch_module()
     return lambda *args: module.run(list(args))
 
 
+def launch_here(*args: str) -> None:
+    """`launch.py *args` in this process, from the repository (no interpreter start-up); fails unless it exits 0."""
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        assert _launch_module().run(list(args)) == 0, f"launch.py {' '.join(args)} failed"
+    finally:
+        os.chdir(cwd)
+
+
+def _trained(workdir: Path, *args: str) -> Path:
+    launch_here(*TINY, *args, "--workdir", str(workdir))
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory) -> Path:
+    """A finished `TINY + TRAINED_TINY` run, trained once per test process: its workdir (the run is `c2` in it).
+    Tests that change a run copy it first (`shutil.copytree`)."""
+    return _trained(tmp_path_factory.mktemp("trained_tiny"), *TRAINED_TINY)
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory) -> Path:
+    """The uninterrupted `TINY + RESUME` run (workdir), trained once per test process, in it: the same program as
+    the `launch.py` subprocesses the stop-and-resume tests start, so their metrics must equal its exactly."""
+    return _trained(tmp_path_factory.mktemp("straight"), *RESUME)
+
+
 # --- running launch.py in a subprocess, as a user does (test modules import these: `from conftest import ...`) ---
-TINY = ["--config", "experiments/default.py:local", "--point", "c2", "--config.mesh.data=1"]
+# One point of the default experiment's local variant on one device; the report without its analysis pass, which
+# tests/test_analysis.py and the report tests exercise.
+TINY = ["--config", "experiments/default.py:local", "--point", "c2", "--skip_analysis", "--config.mesh.data=1"]
+# 120 steps, logs every 7 (out of step with the checkpoints every 10), evaluations every 40: long enough to stop
+# in the middle. `straight_run` is its uninterrupted run, which the stop-and-resume tests compare with.
+RESUME = ["--config.num_steps=120", "--config.checkpoint_every_steps=10", "--config.log_every_steps=7",
+          "--config.eval_every_steps=40"]
+# 6 steps, a log line each, a checkpoint every 2 of which 3 are kept: `trained_tiny`'s run.
+TRAINED_TINY = ["--config.num_steps=6", "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
+                "--config.keep_checkpoints=3"]
 TIMING = ("img_per_sec", "wall_time")
 
 
@@ -52,17 +105,33 @@ def launch(*args, check=True, env=None, **kwargs) -> subprocess.CompletedProcess
     return proc
 
 
-def start(*args, env=None) -> subprocess.Popen:
-    """`launch.py *args` in the background, stdout and stderr together."""
-    return subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+class Started(subprocess.Popen):
+    """A background `launch.py` whose stdout and stderr go to a file (an unread pipe would stall it once full)."""
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def communicate(self, input=None, timeout=None):  # noqa: A002 - Popen's signature
+        self.wait(timeout=timeout)
+        return self.output(), None
 
 
-def wait_until(ready, proc: subprocess.Popen, what: str, timeout: float = 240.0) -> None:
+def start(*args, env=None) -> Started:
+    """`launch.py *args` in the background, stdout and stderr together in a log file (`proc.output()`)."""
+    fd, log = tempfile.mkstemp(prefix="gconv-launch-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        proc = Started([sys.executable, "launch.py", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                       env={**os.environ, **(env or {})})
+    proc.log = Path(log)
+    return proc
+
+
+def wait_until(ready, proc: Started, what: str, timeout: float = 240.0) -> None:
     """Polls `ready()` while `proc` runs; fails when `proc` ends first or `timeout` seconds pass."""
     deadline = time.time() + timeout
     while not ready():
-        assert proc.poll() is None, f"run ended before {what}:\n{proc.stdout.read()}"
+        assert proc.poll() is None, f"run ended before {what}:\n{proc.output()}"
         assert time.time() < deadline, f"no {what} within {timeout:.0f} s"
         time.sleep(0.02)
 

@@ -9,13 +9,15 @@ import pytest
 from jax import lax
 
 from gconv import autotune, ops
+from gconv.ops import choice
+from tolerance import assert_within, conv_gradient_bound, conv_terms, linear_bound, sin_loss_gradient_bound
 
 
 @pytest.fixture
 def measuring(monkeypatch, tmp_path):
     """Autotuning on (for the tests' tiny convs too), with a fresh memory and a disk cache in tmp_path."""
     monkeypatch.setenv(autotune.ENV_ENABLE, "1")
-    monkeypatch.setattr(ops, "AUTOTUNE_MIN_MACS", 0)
+    monkeypatch.setattr(choice, "AUTOTUNE_MIN_MACS", 0)
     cache = tmp_path / "autotune.json"
     monkeypatch.setenv(autotune.ENV_CACHE, str(cache))
     autotune.clear()
@@ -37,12 +39,13 @@ def test_measured_choice_equals_reference_values_and_gradients(measuring, name):
     k, groups = cases[name]
     kw = dict(strides=2, precision=lax.Precision.HIGHEST)
     loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k, groups, **kw)))  # noqa: E731
-    np.testing.assert_allclose(jax.jit(lambda x, k: ops.grouped_conv(x, k, groups, **kw))(x, k),
-                               ops.grouped_conv_reference(x, k, groups, **kw), rtol=1e-5, atol=1e-5)
+    reference = lambda a, b: ops.grouped_conv_reference(a, b, groups, **kw)  # noqa: E731
+    assert_within(jax.jit(lambda x, k: ops.grouped_conv(x, k, groups, **kw))(x, k), reference(x, k),
+                  linear_bound(reference, x, k, terms=conv_terms(k.shape, 12)), name)
     got = jax.jit(jax.grad(loss(ops.grouped_conv), argnums=(0, 1)))(x, k)
     want = jax.grad(loss(ops.grouped_conv_reference), argnums=(0, 1))(x, k)
-    for a, b in zip(got, want):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    for a, b, bound in zip(got, want, sin_loss_gradient_bound(reference, x, k)):
+        assert_within(a, b, bound, name)
     assert len(autotune.measurements()) == 2  # forward and backward, once each for this shape
 
 
@@ -105,12 +108,13 @@ def test_forward_and_backward_lowerings_can_differ(measuring):
     k, groups = cases["grouped_3x3"]
     kw = dict(strides=(1, 1), padding="SAME", dilation=(1, 1), precision=lax.Precision.HIGHEST,
               preferred_element_type=None)
-    conv = ops._forward_backward("shift", "split", groups, 2, kw)
+    conv = choice.forward_backward("shift", "split", groups, 2, kw)
     y, vjp = jax.vjp(conv, x, k)
     y_ref, vjp_ref = jax.vjp(lambda a, b: ops.grouped_conv_reference(a, b, groups, **kw), x, k)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(vjp(jnp.cos(y)), vjp_ref(jnp.cos(y))):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    reference = lambda a, b: ops.grouped_conv_reference(a, b, groups, **kw)  # noqa: E731
+    assert_within(y, y_ref, linear_bound(reference, x, k, terms=conv_terms(k.shape, 12)), "forward")
+    for a, b, bound in zip(vjp(jnp.cos(y)), vjp_ref(jnp.cos(y)), conv_gradient_bound(reference, x, k, jnp.cos(y))):
+        assert_within(a, b, bound, "backward")
 
 
 def test_tiny_convs_take_the_static_rule(monkeypatch):

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 
 from gconv.convert import load_torch_weights, read_state_dict
 from gconv.models import create_model
-from conftest import launch
+from tolerance import U32
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CASES = {  # fixture -> (gconv name, overrides)
@@ -33,7 +33,12 @@ def test_converted_logits_equal_pytorch(fixture):
     model = create_model(name, num_classes=want.shape[-1], **overrides)
     got = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(x)))
     rel = np.abs(got - want).max() / np.abs(want).max()
-    assert rel < 1e-4, rel
+    # Error model: PyTorch and XLA sum each layer's K = fan-in products in their own orders; rounding errors grow
+    # like sqrt(K) u per layer (tests/tolerance.py) and add over the L layers, x4 for the BN, ReLU and pooling
+    # between them.
+    fan_ins = [int(np.prod(leaf.shape[:-1])) for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+               if "kernel" in str(path[-1])]
+    assert rel < 4 * len(fan_ins) * np.sqrt(max(fan_ins)) * U32, rel
     assert np.abs(want).max() > 0.1  # a real comparison, not of near-zero logits
 
 
@@ -84,7 +89,7 @@ def test_pth_is_read_without_unpickling_code(tmp_path):
         read_state_dict(tmp_path / "evil.pth")
 
 
-def test_training_starts_from_converted_weights(tmp_path):
+def test_training_starts_from_converted_weights(cli, capsys, tmp_path):
     import ml_collections
 
     from gconv.convert import load_torch_weights_for
@@ -97,10 +102,10 @@ def test_training_starts_from_converted_weights(tmp_path):
     np.testing.assert_array_equal(started["params"]["head"]["kernel"],
                                   load_torch_weights("shufflenet_g3_wd4", fixture)["params"]["head"]["kernel"])
     # Through launch.py: --config.init_from reaches the converter (a v2 checkpoint is refused for a v1 model).
-    wrong = launch("--config", "experiments/shufflenet_groups.py:local", "--point", "g3_wd4", "--workdir",
-                   str(tmp_path), "--config.num_steps=1", "--config.mesh.data=1",
-                   f"--config.init_from={FIXTURES / 'tv_shufflenet_v2_x0_5.safetensors'}", check=False)
-    assert wrong.returncode != 0 and "has no classifier 'output.weight'" in wrong.stderr
+    assert cli("--config", "experiments/shufflenet_groups.py:local", "--point", "g3_wd4", "--workdir",
+               str(tmp_path), "--config.num_steps=1", "--config.mesh.data=1",
+               f"--config.init_from={FIXTURES / 'tv_shufflenet_v2_x0_5.safetensors'}") == 2
+    assert "has no classifier 'output.weight'" in capsys.readouterr().err
 
 
 def test_eval_command_scores_a_weights_file_on_a_dataset(cli, capsys):

@@ -1,6 +1,7 @@
 """Faults a real cluster produces, each reproduced: bad values and failed starts, busy and damaged run directories,
 preemption, torn files."""
 import json
+import shutil
 import signal
 import socket
 from pathlib import Path
@@ -8,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gconv.rundir import read_metrics
-from conftest import TINY, has_content, launch, start, strip_timing, wait_until
+from gconv.metrics_log import read_metrics
+from conftest import RESUME, TINY, TRAINED_TINY, has_content, launch, start, strip_timing, wait_until
 
 
 @pytest.mark.parametrize("override,key", [
@@ -34,6 +35,27 @@ def test_bad_values_stop_in_one_line_before_the_run_directory_is_touched(cli, tm
     assert not (tmp_path / "w").exists()
 
 
+def test_debug_shows_the_traceback_of_an_error_in_a_users_own_experiment(cli, tmp_path, capsys, monkeypatch):
+    """An error raised in code under development (here an experiment file's `get_config`): one line naming the flag
+    by default; with `--debug` or `GCONV_DEBUG=1`, the exception itself with the frame that raised it."""
+    experiment = tmp_path / "mine.py"
+    experiment.write_text("def get_config(arg=None):\n    return {}['optim']  # a bug in the user's own code\n")
+    args = ["--config", str(experiment), "--workdir", str(tmp_path / "w")]
+    assert cli(*args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: optim") and "--debug" in err and "GCONV_DEBUG=1" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    for debug in (["--debug"], []):
+        if not debug:
+            monkeypatch.setenv("GCONV_DEBUG", "1")
+        with pytest.raises(KeyError, match="optim") as raised:
+            cli(*args, *debug)
+        assert raised.traceback[-1].path == experiment and raised.traceback[-1].name == "get_config"
+    monkeypatch.setenv("GCONV_DEBUG", "0")  # off again: one line
+    assert cli(*args) == 2 and capsys.readouterr().err.startswith("error: optim")
+    assert not (tmp_path / "w").exists()
+
+
 def test_unknown_variant_and_unreadable_init_from(cli, tmp_path, capsys):
     assert cli("--config", "experiments/default.py:loacl", "--workdir", str(tmp_path / "w")) == 2
     assert "no variant 'loacl'" in capsys.readouterr().err and not (tmp_path / "w").exists()
@@ -52,9 +74,9 @@ def test_failed_start_does_not_block_the_corrected_relaunch(cli, tmp_path, capsy
     assert json.loads((workdir / "c2" / "config.json").read_text())["data"]["name"] == "digits"
 
 
-def test_finished_run_relaunch_keeps_its_summary_as_strict_json(cli, tmp_path):
-    args = [*TINY, "--workdir", str(tmp_path), "--config.num_steps=6", "--config.log_every_steps=2"]
-    assert cli(*args) == 0
+def test_finished_run_relaunch_keeps_its_summary_as_strict_json(cli, tmp_path, trained_tiny):
+    shutil.copytree(trained_tiny, tmp_path, dirs_exist_ok=True)
+    args = [*TINY, *TRAINED_TINY, "--workdir", str(tmp_path)]
     before = (tmp_path / "c2" / "summary.json").read_text()
     assert cli(*args) == 0
     after = (tmp_path / "c2" / "summary.json").read_text()
@@ -72,12 +94,10 @@ def _corrupt_newest(run: Path) -> int:
     return step
 
 
-def test_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(cli, tmp_path, capsys):
-    args = [*TINY, "--config.num_steps=6", "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
-            "--config.keep_checkpoints=3"]
-    assert cli(*args, "--workdir", str(tmp_path / "straight")) == 0
+def test_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(cli, tmp_path, capsys, trained_tiny):
+    args = [*TINY, *TRAINED_TINY]
+    shutil.copytree(trained_tiny, tmp_path / "damaged")  # the straight run stays as it is: trained_tiny
     run = tmp_path / "damaged" / "c2"
-    assert cli(*args, "--workdir", str(tmp_path / "damaged")) == 0
     bad = _corrupt_newest(run)
     (run / "summary.json").unlink()
     capsys.readouterr()
@@ -86,7 +106,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(cli, tmp_path,
     warnings = [line for line in out.splitlines() if line.startswith("warning: checkpoint")]
     assert len(warnings) == 1 and f"step {bad}" in warnings[0] and "unreadable" in warnings[0], out
     assert (run.parent / "c2" / "checkpoints_unreadable" / str(bad)).exists()  # set aside, not deleted
-    assert strip_timing(read_metrics(run / "metrics.jsonl")) == strip_timing(read_metrics(tmp_path / "straight/c2/metrics.jsonl"))
+    assert strip_timing(read_metrics(run / "metrics.jsonl")) == strip_timing(read_metrics(trained_tiny / "c2/metrics.jsonl"))
     _corrupt_newest(run)  # report and analyze fall back too, in one line each
     assert cli("analyze", str(run)) == 0
     out = capsys.readouterr().out
@@ -94,6 +114,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(cli, tmp_path,
     assert "block-diagonality" in out and "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_second_launch_is_refused_and_a_dead_holder_is_taken_over(cli, tmp_path, capsys):
     args = [*TINY, "--workdir", str(tmp_path), "--config.num_steps=40", "--config.checkpoint_every_steps=10",
             "--config.log_every_steps=5"]
@@ -113,10 +134,8 @@ def test_second_launch_is_refused_and_a_dead_holder_is_taken_over(cli, tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_then_resume_equals_an_uninterrupted_run(tmp_path, sig, code):
-    args = [*TINY, "--config.num_steps=120", "--config.checkpoint_every_steps=50", "--config.log_every_steps=7",
-            "--config.eval_every_steps=40"]
-    launch(*args, "--workdir", str(tmp_path / "straight"))
+def test_signal_then_resume_equals_an_uninterrupted_run(tmp_path, straight_run, sig, code):
+    args = [*TINY, *RESUME]
     run = tmp_path / "stopped" / "c2"
     proc = start(*args, "--workdir", str(tmp_path / "stopped"))
     wait_until(lambda: has_content(run / "metrics.jsonl"), proc, "the first metrics")
@@ -128,5 +147,23 @@ def test_signal_then_resume_equals_an_uninterrupted_run(tmp_path, sig, code):
         f.write('{"step": 999, "train_lo')
     resumed = launch(*args, "--workdir", str(tmp_path / "stopped"))
     assert "torn last line" in resumed.stderr
-    straight = read_metrics(tmp_path / "straight" / "c2" / "metrics.jsonl")
+    straight = read_metrics(straight_run / "c2" / "metrics.jsonl")
     assert strip_timing(read_metrics(run / "metrics.jsonl")) == strip_timing(straight)
+
+
+def test_metrics_with_a_damaged_middle_line_refuse_to_load(tmp_path):
+    """Only a torn *last* line is what a cut-short write leaves: it is dropped with a warning. Damage anywhere else
+    means the file was changed by something else; dropping what follows would silently lose records, so it raises
+    `RunDirError` naming the file and line."""
+    from gconv.storage import RunDirError, as_path, read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "train_loss": 1.0 / s} for s in (1, 2, 3)]
+    good = "".join(json.dumps(r) + "\n" for r in records)
+    path.write_text(good + '{"step": 4, "train_lo')
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert read_jsonl(as_path(path)) == records
+    lines = good.splitlines()
+    path.write_text("\n".join([lines[0], lines[1][:9], lines[2]]) + "\n")
+    with pytest.raises(RunDirError, match=r"metrics.jsonl line 2 is not valid JSON"):
+        read_jsonl(as_path(path))

@@ -7,6 +7,7 @@ import pytest
 
 from gconv.complexity import breakdown, count_macs, count_params, layer_costs, preserving_width
 from gconv.models import create_model, family_of, list_models, model_from_config, model_spec
+from tolerance import U16B
 
 
 def _abstract_params(model, res=224):
@@ -212,7 +213,13 @@ def test_bf16_compute_with_f32_params(name):
     logits16 = jax.jit(model16.apply)(variables, x)
     logits32 = jax.jit(model.apply)(variables, x)
     assert logits16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits16)))
-    np.testing.assert_allclose(logits16, logits32, atol=0.15 * float(jnp.abs(logits32).max()) + 0.05)
+    # Error model: bfloat16 keeps 8 significand bits (u = 2^-8); each of the L conv/dense layers rounds its
+    # activations once more, relative to their scale, and BN rescales in between, so the logits move by about
+    # L u of their scale (statistically sqrt-growing sums inside a layer stay below that). L counts the kernels.
+    depth = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(variables["params"]) if "kernel" in str(path[-1]))
+    scale = float(jnp.abs(logits32).max())
+    assert depth * U16B < 0.5, depth  # the model is first order
+    np.testing.assert_allclose(logits16, logits32, atol=depth * U16B * scale)
 
 
 def test_shufflenet_shuffle_switch_changes_function_not_params():

@@ -1,14 +1,15 @@
 """Several processes on this machine joined by `jax.distributed` (gloo collectives, coordinator on localhost):
 2 processes x 4 devices train the default experiment's `:local` point as 1 process x 8 devices does, and finish
 together."""
+import os
 import re
 import signal
 
 import numpy as np
 import pytest
 
-from gconv.rundir import read_metrics
-from conftest import free_port, has_content, launch, start, strip_timing, wait_until
+from gconv.metrics_log import read_metrics
+from conftest import free_port, has_content, launch, launch_here, start, strip_timing, wait_until
 
 RUN = ["--config", "experiments/default.py:local", "--point", "c2", "--config.mesh.data=-1", "--config.num_steps=6",
        "--config.log_every_steps=2"]
@@ -18,7 +19,7 @@ RUN = ["--config", "experiments/default.py:local", "--point", "c2", "--config.me
 def _two_processes(workdir, *args):
     """The same run in 2 processes x 4 devices: process 0 told by flags, process 1 by the JAX_* variables."""
     port = free_port()
-    four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    four = {"XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")}  # conftest's flags
     first = start(*args, "--workdir", str(workdir), f"--coordinator_address=localhost:{port}", "--num_processes=2",
                   "--process_id=0", env=four)
     second = start(*args, "--workdir", str(workdir), "--multiprocess",
@@ -60,7 +61,7 @@ def test_two_processes_train_as_one_stop_together_and_resume_exactly(tmp_path):
     assert "wrote" in outs[0] and (tmp_path / "straight" / "report.md").exists()
     # As one process with 8 devices: the same records; early values equal up to the all-reduce order (later, fp32
     # rounding differences grow as training goes on).
-    launch(*args, "--workdir", str(tmp_path / "one"))
+    launch_here(*args, "--workdir", str(tmp_path / "one"))
     one, two = (read_metrics(tmp_path / w / "c2" / "metrics.jsonl") for w in ("one", "straight"))
     assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(2, 31, 2)) + [30]
     _assert_close(one[:3], two[:3])
@@ -85,7 +86,7 @@ def test_two_processes_train_as_one_stop_together_and_resume_exactly(tmp_path):
 @pytest.mark.slow
 def test_a_failure_in_one_process_ends_both_naming_it(tmp_path):
     port = free_port()
-    four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    four = {"XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")}  # conftest's flags
     common = [*RUN, "--workdir", str(tmp_path), f"--coordinator_address=localhost:{port}", "--num_processes=2"]
     first = start(*common, "--process_id=0", env=four)
     second = launch(*common, "--process_id=1", "--config.log_every_steps=0", env=four, check=False, timeout=300)
@@ -123,7 +124,7 @@ def test_groups_split_across_the_two_processes(tmp_path):
     procs = _two_processes(tmp_path / "two", *args)
     outs = [proc.communicate(timeout=400)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outs
-    launch(*args, "--workdir", str(tmp_path / "one"))
+    launch_here(*args, "--workdir", str(tmp_path / "one"))
     _assert_close(read_metrics(tmp_path / "one" / "c4" / "metrics.jsonl"),
                   read_metrics(tmp_path / "two" / "c4" / "metrics.jsonl"))
 

@@ -10,6 +10,7 @@ from jax import lax
 from jax.test_util import check_grads
 
 from gconv import ops
+from tolerance import U16B, assert_within, conv_terms, gamma, linear_bound, sin_loss_gradient_bound
 
 
 def _rand(seed, shape, dtype=jnp.float32):
@@ -45,9 +46,9 @@ def test_grouped_conv_matches_reference(case):
             ops.grouped_conv(x, k, case["groups"], impl="dot", **kw)
         return
     got = ops.grouped_conv(x, k, case["groups"], impl=case["impl"], **kw)
-    want = ops.grouped_conv_reference(x, k, case["groups"], **kw)
-    assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    reference = lambda a, b: ops.grouped_conv_reference(a, b, case["groups"], **kw)  # noqa: E731
+    bound = linear_bound(reference, x, k, terms=conv_terms(k.shape, case["c_in"]))
+    assert_within(got, reference(x, k), bound, case["impl"])
 
 
 def test_reference_is_per_group_dense_conv():
@@ -64,7 +65,8 @@ def test_groups_one_is_plain_conv():
     x, k = _rand(0, (2, 9, 9, 5)), _rand(1, (3, 3, 5, 7))
     want = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                     precision=lax.Precision.HIGHEST)
-    np.testing.assert_allclose(ops.grouped_conv(x, k, 1, precision=lax.Precision.HIGHEST), want, rtol=1e-6, atol=1e-6)
+    bound = linear_bound(lambda a, b: ops.grouped_conv_reference(a, b, 1), x, k, terms=conv_terms(k.shape, 5))
+    assert_within(ops.grouped_conv(x, k, 1, precision=lax.Precision.HIGHEST), want, bound, "groups=1")
 
 
 @pytest.mark.parametrize("multiplier", [1, 2, 3])
@@ -77,7 +79,9 @@ def test_depthwise_with_multiplier(multiplier):
         xi = x[..., o // multiplier: o // multiplier + 1]
         yo = lax.conv_general_dilated(xi, k[..., o:o + 1], (2, 2), "SAME",
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)
-        np.testing.assert_allclose(y[..., o:o + 1], yo, rtol=1e-5, atol=1e-5)
+        bound = linear_bound(lambda a, b: lax.conv_general_dilated(a, b, (2, 2), "SAME", dimension_numbers=(
+            "NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST), xi, k[..., o:o + 1], terms=9)
+        assert_within(y[..., o:o + 1], yo, bound, f"output channel {o}")
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])
@@ -98,8 +102,9 @@ def test_gradients_match_reference(impl, k_shape, groups):
     loss = lambda conv, **kw: lambda x, k: jnp.sum(jnp.sin(conv(x, k, groups, strides=2, dilation=2, **kw)))  # noqa
     g = jax.grad(loss(ops.grouped_conv, impl=impl), argnums=(0, 1))(x, k)
     g_ref = jax.grad(loss(ops.grouped_conv_reference), argnums=(0, 1))(x, k)
-    for a, b in zip(g, g_ref):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    reference = lambda a, b: ops.grouped_conv_reference(a, b, groups, strides=2, dilation=2)  # noqa: E731
+    for got, want, bound in zip(g, g_ref, sin_loss_gradient_bound(reference, x, k)):
+        assert_within(got, want, bound, impl)
 
 
 def test_block_diagonal_kernel_structure():
@@ -118,8 +123,11 @@ def test_bfloat16():
     x, k = _rand(0, (2, 8, 8, 8), jnp.bfloat16), _rand(1, (3, 3, 2, 8), jnp.bfloat16)
     y = ops.grouped_conv(x, k, 4)
     assert y.dtype == jnp.bfloat16
-    want = ops.grouped_conv_reference(x.astype(jnp.float32), k.astype(jnp.float32), 4)
-    np.testing.assert_allclose(y.astype(jnp.float32), want, rtol=5e-2, atol=1e-1)
+    x32, k32 = x.astype(jnp.float32), k.astype(jnp.float32)  # the same values, exactly
+    want = ops.grouped_conv_reference(x32, k32, 4)
+    # bfloat16 accumulation (the most a backend may do) over 3x3x2 terms, then rounding the result to bfloat16
+    bound = gamma(18, U16B) * ops.grouped_conv_reference(jnp.abs(x32), jnp.abs(k32), 4) + U16B * jnp.abs(want)
+    assert_within(y.astype(jnp.float32), want, bound, "bfloat16")
     y32 = ops.grouped_conv(x, k, 4, preferred_element_type=jnp.float32)
     assert y32.dtype == jnp.float32
 
@@ -127,8 +135,9 @@ def test_bfloat16():
 def test_jit_and_vmap_compose():
     x, k = _rand(0, (3, 2, 6, 6, 4)), _rand(1, (3, 3, 2, 4))
     f = jax.jit(jax.vmap(lambda xi: ops.grouped_conv(xi, k, 2, precision=lax.Precision.HIGHEST)))
-    want = ops.grouped_conv_reference(x.reshape(6, 6, 6, 4), k, 2, precision=lax.Precision.HIGHEST)
-    np.testing.assert_allclose(f(x).reshape(want.shape), want, rtol=1e-5, atol=1e-5)
+    reference = lambda a, b: ops.grouped_conv_reference(a, b, 2, precision=lax.Precision.HIGHEST)  # noqa: E731
+    flat = x.reshape(6, 6, 6, 4)
+    assert_within(f(x).reshape(6, 6, 6, 4), reference(flat, k), linear_bound(reference, flat, k, terms=9 * 4), "vmap")
 
 
 def test_no_recompile_on_second_call():

@@ -14,6 +14,7 @@ from gconv.config import base_config
 from gconv.models import create_model
 
 from conftest import TINY, checkpoint_steps, launch
+from tolerance import step_rtol
 
 
 def _max_diff(a, b):
@@ -63,15 +64,15 @@ def test_data_parallel_step_equals_single_device_step_on_the_global_batch(setup)
     mesh = parallel.make_mesh({"data": 8, "model": 1})
     s8, m8 = parallel.shard_step(step8, mesh, donate=False)(jax.device_put(state, parallel.replicated(mesh)),
                                                                parallel.shard_batch(batch, mesh))
-    for k in ("loss", "accuracy"):
-        np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5)
-    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
-    assert _max_diff(s1.params, s8.params) < 1e-5  # so the gradients agree
-    assert _max_diff(s1.batch_stats, s8.batch_stats) < 1e-5  # BN statistics of the global batch
+    rtol = step_rtol(batch["image"].size // 3)  # BN's sums: batch x positions; parameters and statistics are O(1)
+    for k in ("loss", "accuracy", "grad_norm"):
+        np.testing.assert_allclose(m8[k], m1[k], rtol=rtol)
+    assert _max_diff(s1.params, s8.params) < rtol  # so the gradients agree
+    assert _max_diff(s1.batch_stats, s8.batch_stats) < rtol  # BN statistics of the global batch
     # Without cross-device BN the statistics would be per-device: the test can tell.
     s_local, _ = parallel.shard_step(step1, mesh, donate=False)(
         jax.device_put(state, parallel.replicated(mesh)), parallel.shard_batch(batch, mesh))
-    assert _max_diff(s1.batch_stats, s_local.batch_stats) > 1e-4
+    assert _max_diff(s1.batch_stats, s_local.batch_stats) > 100 * rtol
 
 
 def test_pmap_path_equals_shard_map_path(setup):
@@ -80,9 +81,9 @@ def test_pmap_path_equals_shard_map_path(setup):
     s_sm, m_sm = parallel.shard_step(step8, mesh, donate=False)(
         jax.device_put(state, parallel.replicated(mesh)), parallel.shard_batch(batch, mesh))
     s_pm, m_pm = parallel.pmap_data_parallel(step8)(state, batch)
-    np.testing.assert_allclose(m_pm["loss"], m_sm["loss"], rtol=1e-6)
-    assert _max_diff(s_pm.params, s_sm.params) < 1e-6
-    assert _max_diff(s_pm.batch_stats, s_sm.batch_stats) < 1e-6
+    # The same per-device computation and the same all-reduces: equal bit for bit.
+    assert float(m_pm["loss"]) == float(m_sm["loss"])
+    assert _max_diff(s_pm.params, s_sm.params) == 0.0 and _max_diff(s_pm.batch_stats, s_sm.batch_stats) == 0.0
 
 
 def test_data_parallel_hlo_keeps_grouped_convs_local(setup):
@@ -157,10 +158,11 @@ def test_group_parallel_train_step_on_a_2x4_mesh_equals_one_device(name):
                                specs, donate=False)
     placed = parallel.shard_state(state, mesh, specs)
     s8, m8 = step(placed, parallel.shard_batch(batch, mesh))
-    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    rtol = step_rtol(batch["image"].size // 3)  # as in the data-parallel test: sums of batch x positions
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=rtol)
     assert _max_diff(s1.params, state.params) > 1e-3  # the step moved the parameters
-    assert _max_diff(s1.params, s8.params) < 1e-5
-    assert _max_diff(s1.batch_stats, s8.batch_stats) < 1e-5
+    assert _max_diff(s1.params, s8.params) < rtol
+    assert _max_diff(s1.batch_stats, s8.batch_stats) < rtol
     # Each device holds only its groups' weights: a grouped kernel is split 4 ways.
     kernel = s8.params["stage2"]["block0" if "resnext" in name else "unit0"]
     kernel = kernel["conv_group" if "resnext" in name else "expand_conv"]["kernel"]

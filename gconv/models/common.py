@@ -38,10 +38,14 @@ class ModelFamily:
     groups_of: a built module -> the groups that group parallelism splits over devices.
     layer_pairs: a built module -> the (layer, next grouped layer) paths whose filter correlations the analysis
       reports.
-    first_conv: the path of the first conv, whose kernels the analysis draws.
+    first_conv: the path of the first conv (the stem's, or the only one), whose kernels the analysis draws.
     first_conv_groups: a built module -> the groups of the layer that consumes the first conv's output (AlexNet:
       conv2's), by which the analysis sorts the first conv's kernels (1: one panel).
     input_shape: a built module -> the `(H, W, C)` its published counts are given at (224x224 ImageNet, 32x32 CIFAR).
+    head: the path of the classifier, whose outputs are the classes (evaluation reads the class count there,
+      weight conversion replaces it for another class count).
+
+    Code outside `gconv.models` reaches a family's layers through these paths (`params_at`), never by name.
     """
     name: str
     module: type
@@ -59,6 +63,17 @@ class ModelFamily:
     first_conv: str = "stem_conv"
     first_conv_groups: Callable[[Any], int] = lambda model: 1
     input_shape: Callable[[Any], tuple[int, int, int]] = lambda model: (224, 224, 3)
+    head: str = "head"
+
+    def params_at(self, params: dict, path: str) -> dict:
+        """The parameters of the layer at `path` ("stage1/block0/conv_group") in a model's `params` tree."""
+        node = params
+        for name in path.split("/"):
+            if name not in node:
+                raise KeyError(f"the {self.name} family declares a layer {path!r}, but its parameters have no "
+                               f"{name!r} (they have {sorted(node)}): correct the family's ModelFamily.")
+            node = node[name]
+        return node
 
 
 def torch_padding(kernel: int, dilation: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -1,0 +1,95 @@
+"""A run's checkpoints (`RUN_DIR/checkpoints/STEP`): which exist, the newest that restores (setting unreadable ones
+aside), one restored on a single host, orbax's keep policy (newest N and the best), and `latest`/`best`/STEP."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from etils import epath
+
+from gconv.storage import RunDirError, read_jsonl
+
+__all__ = ["readable_checkpoint_steps", "restore_newest_readable", "restore_on_host", "checkpoint_options",
+           "choose_checkpoint"]
+
+
+def readable_checkpoint_steps(ckpt_dir: epath.Path) -> list[int]:
+    """Step numbers of the checkpoints under `ckpt_dir` (folders named by their step), oldest first."""
+    if not ckpt_dir.exists():
+        return []
+    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+
+
+def restore_newest_readable(ckpt_dir: epath.Path, restore: Callable[[int], Any], steps: Sequence[int] | None = None,
+                            set_aside: bool = False) -> tuple[int | None, Any]:
+    """`(step, restore(step))` for the newest checkpoint that restores, trying older ones after a failure.
+
+    Each unreadable checkpoint is reported in one line (step and reason). With `set_aside`, it is moved to
+    `checkpoints_unreadable/STEP` beside `ckpt_dir` (kept, not deleted) so a resumed run can save that step again.
+    Returns `(None, None)` when there is no checkpoint; raises `RunDirError` when none of them restores.
+    """
+    steps = list(steps) if steps is not None else readable_checkpoint_steps(ckpt_dir)
+    failures = []
+    for step in sorted(steps, reverse=True):
+        try:
+            return step, restore(step)
+        except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint; all mean "unreadable"
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            failures.append(step)
+            where = ""
+            if set_aside:
+                aside = ckpt_dir.parent / "checkpoints_unreadable" / str(step)
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                (ckpt_dir / str(step)).rename(aside)
+                where = f"; moved to {aside}"
+            print(f"warning: checkpoint step {step} in {ckpt_dir} is unreadable ({reason}){where}; trying an older "
+                  f"one.", flush=True)
+    if failures:
+        raise RunDirError(f"none of the checkpoints in {ckpt_dir} (steps {sorted(failures)}) can be read: move the "
+                          f"folder away to start the run afresh.")
+    return None, None
+
+
+def restore_on_host(item_dir: epath.Path) -> Any:
+    """A saved state (`CKPT_DIR/STEP/default`) as host numpy arrays, read by this process alone: no barrier with the
+    other processes of a multi-process run, whatever mesh the state was saved from."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
+    tree = ocp.StandardCheckpointHandler().metadata(item_dir).tree
+    return checkpointer.restore(item_dir, jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree))
+
+
+def checkpoint_options(keep: int):
+    """Orbax options keeping the newest `keep` checkpoints and, besides them, the one with the lowest eval top-1
+    error (checkpoints saved at an evaluation carry it as their metric)."""
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
+
+    best = policies.BestN(get_metric_fn=lambda m: -m["eval_top1_error"], n=1,  # keeps the n largest: -error
+                          keep_checkpoints_without_metrics=False)
+    return ocp.CheckpointManagerOptions(create=True, preservation_policy=policies.AnyPreservationPolicy(
+        [policies.LatestN(n=keep), best]))
+
+
+def choose_checkpoint(run_dir: epath.Path, which: str = "latest") -> int:
+    """The step of a run's checkpoint: "latest" (the newest readable), "best" (the lowest eval top-1 error among the
+    readable ones; the latest of ties, as orbax keeps it) or a step number."""
+    steps = readable_checkpoint_steps(run_dir / "checkpoints")
+    if not steps:
+        raise FileNotFoundError(f"{run_dir} has no readable checkpoint: pass the directory of a run that has trained.")
+    if which == "latest":
+        return steps[-1]
+    if which == "best":
+        path = run_dir / "metrics.jsonl"
+        errors = {r["step"]: r["eval_top1_error"] for r in (read_jsonl(path) if path.exists() else [])
+                  if r.get("eval_top1_error") is not None and r["step"] in steps}
+        if not errors:
+            raise FileNotFoundError(f"{run_dir}: no checkpoint was saved at an evaluation; use --checkpoint latest.")
+        return min(errors, key=lambda step: (errors[step], -step))
+    if not which.isdigit() or int(which) not in steps:
+        raise ValueError(f"checkpoint {which!r} is not in {run_dir}: use latest, best or one of the steps {steps}.")
+    return int(which)

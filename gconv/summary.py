@@ -1,0 +1,33 @@
+"""A finished run in one record, `summary.json`: what was built, its cost, its errors and speed. Reports read it."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gconv import storage
+from gconv.complexity import count_macs, count_params
+from gconv.models import family_of
+
+__all__ = ["run_summary"]
+
+
+def run_summary(run_dir: Any, model: Any, config: Any, image_shape: tuple[int, ...], params: Any,
+                history: list[dict], throughput: list[float], total_steps: int) -> dict[str, Any]:
+    """A finished run in one record (`summary.json`, what reports read): what was built, its cost, its errors
+    (from the `metrics.jsonl` records `history`) and speed (`throughput`: img/s of the session's log intervals)."""
+    evals = {r["step"]: r["eval_top1_error"] for r in history if "eval_top1_error" in r}
+    previous = storage.read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else {}
+    family, seeds = family_of(model), config.get("seeds", 1)
+    return {
+        "name": run_dir.name, "point": run_dir.name.removesuffix(f"_seed{config.seed}") if seeds > 1 else run_dir.name,
+        "seed": config.seed, "model": family.name_of(model), "family": family.name, "steps": total_steps,
+        "fields": family.fields_of(model), "sweep_axis": family.sweep_axis,
+        "params": count_params(params), "mmacs": count_macs(model, image_shape) / 1e6,
+        "final_top1_error": evals[max(evals)] if evals else None, "best_top1_error": min(evals.values(), default=None),
+        "best_step": min(evals, key=lambda k: (evals[k], -k)) if evals else None,
+        "img_per_sec": float(np.median(throughput)) if throughput else previous.get("img_per_sec"),
+        "wall_time": max((r.get("wall_time") or 0.0 for r in history), default=0.0),
+        "paper_top1_error": config.get("paper_top1_error"), "paper_top5_error": config.get("paper_top5_error"),
+        "final_top5_error": [r["eval_top5_error"] for r in history if "eval_top5_error" in r][-1] if evals else None,
+    }

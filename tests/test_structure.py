@@ -1,0 +1,92 @@
+"""One idea per file, checked: gconv's modules import each other without cycles, training does not pull in the
+report, every lowering module is registered, and only `gconv.models` indexes parameters by a family's layer names."""
+import ast
+import pkgutil
+from pathlib import Path
+
+import jax
+
+import gconv
+from gconv.models import FAMILIES, create_model
+from gconv.ops import lowerings
+
+PACKAGE = Path(gconv.__file__).parent
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(path: Path) -> set[str]:
+    """The gconv modules `path` imports anywhere in it (top level or inside functions)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module
+                      for a in node.names}
+    return {n for n in names if n in MODULES}
+
+
+GRAPH = {name: _imports(path) for name, path in MODULES.items()}
+
+
+def _reachable(start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in GRAPH[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_import_graph_has_no_cycle():
+    cycles = sorted(m for m in MODULES if m in _reachable(m))
+    assert not cycles, f"modules on an import cycle: {cycles}"
+    assert "gconv.tensorboard" in _reachable("gconv.metrics_log")  # the check sees imports at all
+
+
+def test_training_does_not_import_the_report():
+    assert "gconv.report" not in _reachable("gconv.train") and "gconv.plots" not in _reachable("gconv.train")
+
+
+def test_every_lowering_module_is_registered():
+    modules = {m.name for m in pkgutil.iter_modules(lowerings.__path__)} - {"base"}
+    registered = {lowering.conv.__module__.rsplit(".", 1)[1] for lowering in lowerings.LOWERINGS.values()}
+    assert modules == registered, f"lowering modules not registered in gconv.ops.lowerings: {modules - registered}"
+
+
+def _top_level_layer_names() -> set[str]:
+    names = set()
+    for family in FAMILIES:
+        model = create_model(family.variants[0], num_classes=10)
+        shape = (1,) + tuple(family.input_shape(model))
+        params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct(shape, "float32"))["params"]
+        assert family.params_at(params, family.head)["kernel"].shape[-1] == 10, family.name
+        assert family.params_at(params, family.first_conv)["kernel"].ndim == 4, family.name
+        names |= set(params)
+    return names
+
+
+def test_only_the_models_index_parameters_by_a_familys_layer_names():
+    """Every family's declared head and first conv exist; no code outside gconv/models subscripts a parameter tree
+    with one of the families' layer names (it asks the family: `family.params_at(params, family.head)`)."""
+    names = _top_level_layer_names()
+    assert {"head", "stem_conv", "conv1"} <= names
+    offenders = []
+    for module, path in MODULES.items():
+        if module.startswith("gconv.models"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)
+                    and node.slice.value in names):
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} [{node.slice.value!r}]")
+    assert not offenders, offenders
