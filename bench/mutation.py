@@ -79,7 +79,8 @@ def main() -> int:
             failed = [line.split(" ")[1] for line in log.read_text().splitlines() if line.startswith("FAILED ")]
             killed = bool(failed)  # with -x under xdist, pytest exits 2 (interrupted) after the first failure
             if not failed and code != 0:
-                raise SystemExit(f"mutant {name!r}: pytest exited {code} (not a test failure):\n{log.read_text()[-3000:]}")
+                raise SystemExit(f"mutant {name!r}: pytest exited {code} without a failed test:\n"
+                                 f"{log.read_text()[-3000:]}")
             results.append({"mutant": name, "file": where, "killed": killed, "by": failed[:1],
                             "seconds": round(time.time() - start)})
             print(f"{name:24s} {where:28s} {'killed by ' + failed[0] if failed else 'SURVIVED'} "

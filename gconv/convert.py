@@ -154,9 +154,9 @@ def load_torch_weights_for(config: Any, num_classes: int) -> dict[str, Any]:
 
 
 def pretrained_file(model_name: str, tag: str) -> Path:
-    """The local file of published weights `tag` for `model_name`, downloaded into `storage.cache_dir()` the first time and
-    checked against the hash in its name. Raises `ValueError` for an unknown tag or a wrong hash (the download is
-    not kept) and `FileNotFoundError` when it is not cached and cannot be downloaded."""
+    """The local file of published weights `tag` for `model_name`, downloaded into `storage.cache_dir()` the first
+    time and checked against the hash in its name. Raises `ValueError` for an unknown tag or a wrong hash (the
+    download is not kept) and `FileNotFoundError` when it is not cached and cannot be downloaded."""
     from gconv import storage
 
     url = PRETRAINED.get((model_name, tag))

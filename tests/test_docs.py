@@ -6,8 +6,9 @@ A comment on the line before a block says how it runs (invisible when the Markdo
   <!-- doctest: given: CODE -->    a fragment: CODE (one line of Python) runs first in the file's namespace
 Python blocks are the fast tier. Shell blocks train, so they are the slow tier: `python launch.py` commands run as
 written, except that an experiment named in full runs its `:local` variant for 4 steps, in the full experiment's run
-directory (so the commands after it find the runs the text names); `tensorboard --logdir DIR`
-starts the viewer and reads its run list; the install and the test suite itself are not rerun.
+directory (so the commands after it find the runs the text names); `tensorboard --logdir DIR` starts the viewer and
+reads its run list; the install and the test suite itself are not rerun. What is not run is reported, with why, in
+pytest's warnings summary.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ from conftest import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _MARKER = re.compile(r"<!--\s*doctest:\s*(skip|given):\s*(.*?)\s*-->")
+
+
 class DocBlockNotRun(UserWarning):
     """A block or command of the documentation that the test does not run, and why (shown in pytest's summary)."""
 
