@@ -78,11 +78,10 @@ def main(argv: list[str]) -> int:
 
     import jax
 
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a sweep's seeds (and relaunches) reuse compiled steps
-        from gconv.storage import cache_dir
-
-        jax.config.update("jax_compilation_cache_dir", cache_dir("xla"))
     from gconv import storage
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a sweep's seeds (and relaunches) reuse compiled steps
+        jax.config.update("jax_compilation_cache_dir", storage.cache_dir("xla"))
     from gconv.config import expand_sweep, load_experiment
     from gconv.preflight import preflight
     from gconv.train import Stopped, train_and_evaluate
@@ -191,12 +190,12 @@ def run(argv: list[str]) -> int:
         return main(argv)
     except (KeyError, ValueError, FileNotFoundError, FloatingPointError, ImportError, RunDirError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        if debug and not _multiprocess():
-            raise
-        if debug:
-            traceback.print_exc()
         if _multiprocess():
+            if debug:
+                traceback.print_exc()
             _leave_together(f"{message}", 2)
+        if debug:
+            raise
         print(f"error: {message} (--debug or {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr, flush=True)
         return 2
     except Exception as e:

@@ -38,7 +38,8 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _launch_module():
+def launch_module():
+    """launch.py, loaded as a module (its `run(argv)` is the command line in this process)."""
     spec = importlib.util.spec_from_file_location("gconv_launch", ROOT / "launch.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -49,7 +50,7 @@ def _launch_module():
 def cli(monkeypatch):
     """`launch.py` in this process: `cli(*args) -> exit code`, with the repository as working directory."""
     monkeypatch.chdir(ROOT)
-    module = _launch_module()
+    module = launch_module()
     return lambda *args: module.run(list(args))
 
 
@@ -58,7 +59,7 @@ def launch_here(*args: str) -> None:
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        assert _launch_module().run(list(args)) == 0, f"launch.py {' '.join(args)} failed"
+        assert launch_module().run(list(args)) == 0, f"launch.py {' '.join(args)} failed"
     finally:
         os.chdir(cwd)
 

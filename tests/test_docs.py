@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import io
 import json
 import os
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, launch_module
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _MARKER = re.compile(r"<!--\s*doctest:\s*(skip|given):\s*(.*?)\s*-->")
@@ -160,11 +159,8 @@ def _local(argv: list[str]) -> list[str]:
 
 def _launch(argv: list[str], log) -> int:
     """`launch.py argv` in this process (the current directory is the document's temporary directory)."""
-    spec = importlib.util.spec_from_file_location("gconv_launch_docs", ROOT / "launch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        return module.run(argv)
+        return launch_module().run(argv)
 
 
 def _tensorboard(argv: list[str], tmp_path: Path) -> None:
