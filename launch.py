@@ -57,6 +57,11 @@ def main(argv: list[str]) -> int:
 
     if args.command in ("report", "analyze", "eval") and not args.target:
         raise SystemExit(f"usage: python launch.py {args.command} {'WORKDIR' if args.command == 'report' else 'RUN_DIR'}")
+    from gconv import storage
+
+    for path in (args.target, args.workdir):
+        if path and storage.is_remote(path):  # one line now, not a failure in the middle of the work
+            storage.check_credentials(path.split("://")[0])
     if args.command == "eval":
         return evaluate(args, overrides)
     if args.command == "analyze":
@@ -77,8 +82,6 @@ def main(argv: list[str]) -> int:
         return 0
 
     import jax
-
-    from gconv import storage
 
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a sweep's seeds (and relaunches) reuse compiled steps
         jax.config.update("jax_compilation_cache_dir", storage.cache_dir("xla"))

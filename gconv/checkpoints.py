@@ -2,21 +2,48 @@
 aside), one restored on a single host, orbax's keep policy (newest N and the best), and `latest`/`best`/STEP."""
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Sequence
 
 from etils import epath
 
-from gconv.storage import RunDirError, read_jsonl
+from gconv.storage import RunDirError, exists, move_tree
+from gconv.watchdog import watch
 
 __all__ = ["readable_checkpoint_steps", "restore_newest_readable", "restore_on_host", "checkpoint_options",
            "choose_checkpoint"]
 
 
 def readable_checkpoint_steps(ckpt_dir: epath.Path) -> list[int]:
-    """Step numbers of the checkpoints under `ckpt_dir` (folders named by their step), oldest first."""
-    if not ckpt_dir.exists():
+    """Step numbers of the finished checkpoints under `ckpt_dir` (folders named by their step), oldest first. A
+    save cut short (on object storage: a folder without orbax's commit marker) is not one of them."""
+    import orbax.checkpoint as ocp
+
+    if not exists(ckpt_dir):
         return []
-    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    with watch("list", ckpt_dir):
+        return sorted(int(p.name) for p in ckpt_dir.iterdir()
+                      if p.name.isdigit() and ocp.utils.is_checkpoint_finalized(p))
+
+
+class _ClosedLoopFilter:
+    """`sys.unraisablehook` without the "Event loop is closed" errors that follow a failed orbax restore: orbax
+    closes its event loop when one read fails while tensorstore still completes the others, whose callbacks then
+    find the loop closed. The failure itself is reported in one line; every other unraisable error goes on to the
+    hook that was installed before."""
+
+    def __init__(self, previous: Callable):
+        self.previous = previous
+
+    def __call__(self, unraisable: Any) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            self.previous(unraisable)
+
+
+def _quiet_closed_loops() -> None:
+    """Installs `_ClosedLoopFilter`, for good: the late callbacks come after the restore has returned."""
+    if not isinstance(sys.unraisablehook, _ClosedLoopFilter):
+        sys.unraisablehook = _ClosedLoopFilter(sys.unraisablehook)
 
 
 def restore_newest_readable(ckpt_dir: epath.Path, restore: Callable[[int], Any], steps: Sequence[int] | None = None,
@@ -29,17 +56,18 @@ def restore_newest_readable(ckpt_dir: epath.Path, restore: Callable[[int], Any],
     """
     steps = list(steps) if steps is not None else readable_checkpoint_steps(ckpt_dir)
     failures = []
+    _quiet_closed_loops()
     for step in sorted(steps, reverse=True):
         try:
-            return step, restore(step)
+            with watch("restore checkpoint", ckpt_dir / str(step)):
+                return step, restore(step)
         except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint; all mean "unreadable"
             reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
             failures.append(step)
             where = ""
             if set_aside:
                 aside = ckpt_dir.parent / "checkpoints_unreadable" / str(step)
-                aside.parent.mkdir(parents=True, exist_ok=True)
-                (ckpt_dir / str(step)).rename(aside)
+                move_tree(ckpt_dir / str(step), aside)
                 where = f"; moved to {aside}"
             print(f"warning: checkpoint step {step} in {ckpt_dir} is unreadable ({reason}){where}; trying an older "
                   f"one.", flush=True)
@@ -84,8 +112,9 @@ def choose_checkpoint(run_dir: epath.Path, which: str = "latest") -> int:
     if which == "latest":
         return steps[-1]
     if which == "best":
-        path = run_dir / "metrics.jsonl"
-        errors = {r["step"]: r["eval_top1_error"] for r in (read_jsonl(path) if path.exists() else [])
+        from gconv.metrics_log import read_metrics
+
+        errors = {r["step"]: r["eval_top1_error"] for r in read_metrics(run_dir / "metrics.jsonl")
                   if r.get("eval_top1_error") is not None and r["step"] in steps}
         if not errors:
             raise FileNotFoundError(f"{run_dir}: no checkpoint was saved at an evaluation; use --checkpoint latest.")

@@ -174,6 +174,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 500
     config.checkpoint_every_steps = 500
     config.keep_checkpoints = 2
+    config.storage_timeout_s = 300.0  # the longest wait on one storage operation before the run stops (one line)
     config.profile_steps = ""  # "a,b": a jax.profiler trace of training steps a..b in RUN_DIR/profile
     config.init_from = ""  # a PyTorch checkpoint (.pth/.safetensors) to start from, see gconv.convert
     config.paper_top1_error = -1.0  # the published figure for this point, shown beside ours; < 0 = none
@@ -202,8 +203,9 @@ def cardinality_sweep(cardinalities: Iterable[int], channels: int = 256, base_wi
             for c in cardinalities]
 
 
-# Where a run executes, not what it computes (mesh, step transform, input threads): free to change on resume.
-_PLACEMENT = ("mesh", "parallel")
+# Where and how a run executes, not what it computes (mesh, step transform, input threads, storage waits): free
+# to change on resume.
+_PLACEMENT = ("mesh", "parallel", "storage_timeout_s")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -227,11 +229,13 @@ def check_config(run_dir: epath.Path, config_json: dict) -> None:
     config as JSON). A `config.json` left by a start that trained nothing (no checkpoint, no metrics) does not
     block, and neither do placement keys."""
     path = run_dir / "config.json"
-    if not path.exists():
+    if not storage.exists(path):
         return
     old, new = _what(storage.read_json(path)), _what(config_json)
     differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    trained = checkpoints.readable_checkpoint_steps(run_dir / "checkpoints") or (run_dir / "metrics.jsonl").exists()
+    from gconv.metrics_log import read_metrics
+
+    trained = checkpoints.readable_checkpoint_steps(run_dir / "checkpoints") or read_metrics(run_dir / "metrics.jsonl")
     if differing and trained:
         raise ValueError(f"{run_dir} holds a run with a different config (keys differing: {differing}). "
                          f"Resume it with the same config, or pass a new --workdir; nothing was changed.")

@@ -36,7 +36,7 @@ def _classes(variables: dict, model_name: str) -> int:
 def evaluate_run(run_dir: Any, checkpoint: str = "latest", split: str = "eval") -> dict:
     """Evaluates a run directory's checkpoint (`checkpoint`: latest, best or a step) with the run's own config."""
     run_dir = storage.as_path(run_dir)
-    if not (run_dir / "config.json").exists():
+    if not storage.exists(run_dir / "config.json"):
         raise FileNotFoundError(f"{run_dir} has no config.json: pass the directory of a run (WORKDIR/POINT).")
     config = ml_collections.ConfigDict(storage.read_json(run_dir / "config.json"))
     step = checkpoints.choose_checkpoint(run_dir, checkpoint)

@@ -8,6 +8,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from etils import epath
 
+from gconv import storage
+
 __all__ = ["pyplot", "save", "error_vs", "learning_curves", "compute_bars", "correlation_map", "correlation_maps"]
 
 
@@ -25,7 +27,7 @@ def save(fig, path: epath.Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     pyplot().close(fig)
-    path.write_bytes(buffer.getvalue())
+    storage.write_bytes(path, buffer.getvalue())
 
 
 def _series_label(row: dict) -> str:

@@ -31,7 +31,7 @@ def _positive(config: ml_collections.ConfigDict, *keys: str) -> None:
 
 def _check_values(config: ml_collections.ConfigDict) -> None:
     _positive(config, "data.batch_size", "data.eval_batch_size", "log_every_steps", "eval_every_steps",
-              "checkpoint_every_steps", "keep_checkpoints")
+              "checkpoint_every_steps", "keep_checkpoints", "storage_timeout_s")
     if not (config.num_steps > 0 or config.num_epochs > 0):
         raise ValueError(f"num_steps={config.num_steps} and num_epochs={config.num_epochs}: set one of them > 0.")
     if str(config.model.get("dtype", "float32")) not in _FLOAT_DTYPES:

@@ -43,7 +43,7 @@ def load_summaries(workdir: Any) -> list[dict[str, Any]]:
             s["mmacs"] = s.get("mflops")
         s.update({f"field:{k}": v for k, v in s["fields"].items()})
         analysis_path = path.parent / "analysis" / "analysis.json"
-        if analysis_path.exists():
+        if storage.exists(analysis_path):
             s.update(storage.read_json(analysis_path)["summary"])
             if s.get("inside") is not None:
                 s["inside_outside"] = f"{s['inside']:.3f} / {s['outside']:.3f}"
@@ -93,7 +93,7 @@ def _analyze_run(run_dir: epath.Path, num_images: int, checkpoint: str) -> dict[
 
     config_path, ckpt_dir = run_dir / "config.json", run_dir / "checkpoints"
     steps = checkpoints.readable_checkpoint_steps(ckpt_dir)
-    if not config_path.exists() or not steps:
+    if not storage.exists(config_path) or not steps:
         raise FileNotFoundError(f"{run_dir} has no config.json and checkpoint: pass the directory of a run "
                                 f"(WORKDIR/POINT) that has trained.")
     config = ml_collections.ConfigDict(storage.read_json(config_path))
@@ -168,7 +168,7 @@ def _analyze_run(run_dir: epath.Path, num_images: int, checkpoint: str) -> dict[
 def _breakdown_of(run_dir: epath.Path) -> dict[str, float] | None:
     """MMACs per layer kind of an analysed run."""
     path = run_dir / "analysis" / "analysis.json"
-    if not path.exists():
+    if not storage.exists(path):
         return None
     kinds: dict[str, float] = {}
     for stage in storage.read_json(path)["breakdown"].values():
@@ -180,7 +180,7 @@ def _breakdown_of(run_dir: epath.Path) -> dict[str, float] | None:
 def _first_correlation(run_dir: epath.Path) -> dict[str, Any] | None:
     """The first analysed layer pair of a run: its |corr| matrix (from the saved .npy) and scores."""
     path = run_dir / "analysis" / "analysis.json"
-    pairs = storage.read_json(path)["pairs"] if path.exists() else []
+    pairs = storage.read_json(path)["pairs"] if storage.exists(path) else []
     if not pairs or "npy" not in pairs[0]:
         return None
     return {**pairs[0], "corr": storage.read_npy(run_dir / "analysis" / pairs[0]["npy"])}

@@ -10,7 +10,8 @@ import uuid
 
 from etils import epath
 
-from gconv.storage import RunDirError, to_json, write_text
+from gconv.storage import RunDirError, exists, to_json, write_text
+from gconv.watchdog import watch
 
 __all__ = ["RunLock"]
 
@@ -44,9 +45,9 @@ class RunLock:
         return time.time() - float(info.get("heartbeat", 0.0)) < self.stale_after
 
     def acquire(self) -> "RunLock":
-        if self.path.exists():
+        if exists(self.path):
             try:
-                info = json.loads(self.path.read_text())
+                info = json.loads(self._read())
             except ValueError:
                 info = {}
             if info.get("token") != self.token and self._holder_alive(info):
@@ -59,7 +60,7 @@ class RunLock:
                 print(f"note: taking over the lock of {self.path.parent} from pid {info.get('pid')} on "
                       f"{info.get('host')}, which is gone.", flush=True)
         self.beat(force=True)
-        if json.loads(self.path.read_text()).get("token") != self.token:  # another launch won the race
+        if json.loads(self._read()).get("token") != self.token:  # another launch won the race
             raise RunDirError(f"{self.path.parent} was taken by another launch at the same moment: pass another "
                               f"--workdir or retry.")
         return self
@@ -73,10 +74,15 @@ class RunLock:
 
     def release(self) -> None:
         try:
-            if json.loads(self.path.read_text()).get("token") == self.token:
-                self.path.unlink()
+            if json.loads(self._read()).get("token") == self.token:
+                with watch("delete", self.path):
+                    self.path.unlink()
         except (FileNotFoundError, ValueError):
             pass
+
+    def _read(self) -> str:
+        with watch("read", self.path):
+            return self.path.read_text()
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

@@ -17,7 +17,7 @@ def run_summary(run_dir: Any, model: Any, config: Any, image_shape: tuple[int, .
     """A finished run in one record (`summary.json`, what reports read): what was built, its cost, its errors
     (from the `metrics.jsonl` records `history`) and speed (`throughput`: img/s of the session's log intervals)."""
     evals = {r["step"]: r["eval_top1_error"] for r in history if "eval_top1_error" in r}
-    previous = storage.read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else {}
+    previous = storage.read_json(run_dir / "summary.json") if storage.exists(run_dir / "summary.json") else {}
     family, seeds = family_of(model), config.get("seeds", 1)
     return {
         "name": run_dir.name, "point": run_dir.name.removesuffix(f"_seed{config.seed}") if seeds > 1 else run_dir.name,

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
 from gconv import data as data_lib
-from gconv import checkpoints, metrics_log, parallel, runlock, storage
+from gconv import autotune, checkpoints, metrics_log, parallel, runlock, storage, watchdog
 from gconv.config import check_config
 from gconv.convert import load_torch_weights_for
 from gconv.models import model_from_config
@@ -128,10 +128,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> dict[
     """Trains and evaluates one configuration in `workdir` (a local path or a URL such as `gs://bucket/run`);
     returns the run summary (also `summary.json`). Raises `Stopped` after saving a checkpoint on SIGTERM/SIGINT.
 
-    Nothing is written before `preflight` passes; the run directory is locked while the run is in it.
+    Nothing is written before `preflight` passes; the run directory is locked while the run is in it. A storage
+    operation that waits longer than `config.storage_timeout_s` ends the process (`gconv.watchdog`).
     """
     preflight(config)
+    watchdog.set_limit(config.get("storage_timeout_s", watchdog.DEFAULT_LIMIT))
     run_dir = storage.as_path(workdir)
+    if storage.is_remote(run_dir):
+        storage.check_credentials(str(workdir).split("://")[0])
     config_json = json.loads(config.to_json_best_effort())
     check_config(run_dir, config_json)
     with runlock.RunLock(run_dir) if jax.process_index() == 0 else contextlib.nullcontext() as lock:
@@ -172,12 +176,13 @@ def _train(config: ml_collections.ConfigDict, config_json: dict, run_dir: Any,
     if is_main:  # the config is good and the state is built: from here on the directory holds this run
         storage.write_json(run_dir / "config.json", config_json)
     summary_path = run_dir / "summary.json"
-    if start_step >= total_steps and summary_path.exists():
+    if start_step >= total_steps and storage.exists(summary_path):
         print(f"{run_dir.name}: already trained to step {start_step}; its summary is kept.", flush=True)
         return storage.read_json(summary_path)
     if is_main and resume_step is not None:
         print(f"{run_dir.name}: resuming at step {start_step} from {ckpt_dir / str(resume_step)}", flush=True)
-    manager = ocp.CheckpointManager(ckpt_dir, options=checkpoints.checkpoint_options(config.keep_checkpoints))
+    with watchdog.watch("open checkpoints", ckpt_dir):
+        manager = ocp.CheckpointManager(ckpt_dir, options=checkpoints.checkpoint_options(config.keep_checkpoints))
     log = metrics_log.MetricsLog(run_dir / "metrics.jsonl", start_step, enabled=is_main)  # and TensorBoard events
     pending = metrics_log.PendingMetrics(run_dir, start_step, enabled=is_main)
 
@@ -189,6 +194,14 @@ def _train(config: ml_collections.ConfigDict, config_json: dict, run_dir: Any,
     batches = map(place_train, data_lib.train_batches(
         train_source, info, batch_size, seed=config.seed, start_step=start_step, augment=config.data.augment,
         num_workers=config.data.num_workers, **parallel.input_shard(mesh)))
+
+    # The lowerings the run's programs compile with: a resumed run's own, recorded in `lowerings.json`.
+    lowerings = run_dir / "lowerings.json"
+    given = storage.read_json(lowerings) if resume_step is not None and storage.exists(lowerings) else {}
+    recorded = dict(given)
+    lowering_scope = contextlib.ExitStack()  # closed by the loop's `finally`
+    lowering_scope.enter_context(autotune.use(given))
+    used = lowering_scope.enter_context(autotune.recording())
 
     # Train.
     t_session = t_interval = time.time()
@@ -231,13 +244,19 @@ def _train(config: ml_collections.ConfigDict, config_json: dict, run_dir: Any,
                     log.write({"step": done, **scores})
                     progress.note(f"step {done}/{total_steps}: top-1 error {scores['eval_top1_error']:.2f}%")
                 if is_ckpt:
-                    manager.save(done, args=ocp.args.StandardSave(state),
-                                 metrics={"eval_top1_error": scores["eval_top1_error"]} if is_eval else None)
+                    with watchdog.watch("save checkpoint", ckpt_dir / str(done)):  # waits for the previous save
+                        manager.save(done, args=ocp.args.StandardSave(state),
+                                     metrics={"eval_top1_error": scores["eval_top1_error"]} if is_eval else None)
                     pending.save(done)
+                    if is_main and used != recorded:  # the step (and eval) compiled: their lowerings, for resume
+                        storage.write_json(lowerings, used)
+                        recorded = dict(used)
                 if stopping:
                     raise Stopped(stopping, done, run_dir)
     finally:
-        manager.wait_until_finished()
+        lowering_scope.close()
+        with watchdog.watch("finish saving checkpoints in", ckpt_dir):
+            manager.wait_until_finished()
         progress.close()
         log.close()
         profiler.close()

@@ -128,6 +128,19 @@ def start(*args, env=None) -> Started:
     return proc
 
 
+def two_processes(workdir, *args, env=({}, {})):
+    """The same run in 2 processes x 4 devices: process 0 told by flags, process 1 by the JAX_* variables; `env`:
+    each process's own variables."""
+    port = free_port()
+    four = {"XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")}  # conftest's flags
+    first = start(*args, "--workdir", str(workdir), f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                  "--process_id=0", env={**four, **env[0]})
+    second = start(*args, "--workdir", str(workdir), "--multiprocess",
+                   env={**four, **env[1], "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+                        "JAX_PROCESS_ID": "1"})
+    return first, second
+
+
 def wait_until(ready, proc: Started, what: str, timeout: float = 240.0) -> None:
     """Polls `ready()` while `proc` runs; fails when `proc` ends first or `timeout` seconds pass."""
     deadline = time.time() + timeout

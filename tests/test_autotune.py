@@ -1,5 +1,6 @@
 """Measured lowering choice: equal results, one measurement per shape, disk cache, static rule, no re-tracing."""
 import json
+import shutil
 
 import chex
 import jax
@@ -9,7 +10,9 @@ import pytest
 from jax import lax
 
 from gconv import autotune, ops
+from gconv.metrics_log import read_metrics
 from gconv.ops import choice
+from conftest import TINY, TRAINED_TINY, strip_timing
 from tolerance import assert_within, conv_gradient_bound, conv_terms, linear_bound, sin_loss_gradient_bound
 
 
@@ -123,4 +126,32 @@ def test_tiny_convs_take_the_static_rule(monkeypatch):
     x, cases = _case(5)
     k, groups = cases["depthwise"]
     ops.grouped_conv(x, k, groups)  # 2 x 5 x 5 x 12 outputs x 9 taps: far below AUTOTUNE_MIN_MACS
+    assert autotune.measurements() == []
+
+
+def test_a_resumed_run_lowers_as_the_run_it_resumes(cli, measuring, monkeypatch, tmp_path):
+    """A run records its measured choices in `lowerings.json`. Resumed after the disk cache changed (here: every
+    entry turned to another candidate), it compiles with its recorded choices, so `lowerings.json` stays as it
+    was and the metrics equal an uninterrupted run's exactly (the same program)."""
+    monkeypatch.setenv("GCONV_AUTOTUNE_MIN_MACS", "0")  # measure the tiny model's convs too
+    args = [*TINY, *TRAINED_TINY]
+    assert cli(*args, "--workdir", str(tmp_path / "straight")) == 0
+    run = tmp_path / "straight" / "c2"
+    recorded = json.loads((run / "lowerings.json").read_text())
+    assert len(recorded) >= 10 and recorded == {k: v for k, v in json.loads(measuring.read_text()).items()
+                                                if k in recorded}
+    shutil.copytree(tmp_path / "straight", tmp_path / "stopped")  # as if stopped after its checkpoint at step 4
+    stopped = tmp_path / "stopped" / "c2"
+    shutil.rmtree(stopped / "checkpoints" / "6")
+    (stopped / "summary.json").unlink()
+    flipped = {}
+    for key, chosen in json.loads(measuring.read_text()).items():
+        backend, _, _, x_shape, _, k_shape, _, groups, _ = json.loads(key.split(" ", 1)[1])
+        others = [c for c in ops.candidate_impls(k_shape, x_shape[-1], groups, backend) if c != chosen]
+        flipped[key] = others[0]
+    measuring.write_text(json.dumps(flipped))
+    autotune.clear()  # a new process: only the disk cache, which now disagrees with the run
+    assert cli(*args, "--workdir", str(tmp_path / "stopped")) == 0
+    assert json.loads((stopped / "lowerings.json").read_text()) == recorded
+    assert strip_timing(read_metrics(stopped / "metrics.jsonl")) == strip_timing(read_metrics(run / "metrics.jsonl"))
     assert autotune.measurements() == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from typing import Sequence
 
 import jax
@@ -18,7 +19,17 @@ __all__ = ["AUTOTUNE_MIN_MACS", "candidate_impls", "static_impl", "tuned_impls",
 
 # Below this many multiply-adds a conv takes well under a millisecond: timing it is mostly noise, and measuring
 # (two compiles per candidate) costs more than any choice can win back, so the static rule decides.
+# `GCONV_AUTOTUNE_MIN_MACS` changes it (0: measure every conv, e.g. to study the choice on a small model).
 AUTOTUNE_MIN_MACS = 2**25
+
+
+def min_macs() -> int:
+    """The threshold of multiply-adds below which the static rule decides (`GCONV_AUTOTUNE_MIN_MACS`, else
+    `AUTOTUNE_MIN_MACS`)."""
+    value = os.environ.get("GCONV_AUTOTUNE_MIN_MACS", "")
+    if value and not value.isdigit():
+        raise ValueError(f"GCONV_AUTOTUNE_MIN_MACS={value!r} must be a whole number of multiply-adds (e.g. 0).")
+    return int(value) if value else AUTOTUNE_MIN_MACS
 _BLOCKDIAG_SMALL = 2**16  # dense kernel entries below which one dense conv beats every other CPU lowering
 
 
@@ -55,10 +66,10 @@ def tuned_impls(x: jax.Array, kernel: jax.Array, groups: int, nd: int, kwargs: d
     backend = jax.default_backend()
     candidates = candidate_impls(kernel.shape, x.shape[-1], groups, backend)
     default = static_impl(kernel.shape, x.shape[-1], groups, backend)
-    if len(candidates) == 1 or not autotune.enabled():
+    if len(candidates) == 1 or not (autotune.enabled() or autotune.given()):
         return default, default
     out = jax.eval_shape(functools.partial(lower, default, groups=groups, nd=nd, **kwargs), x, kernel)
-    if math.prod(out.shape) * math.prod(kernel.shape[:-1]) < AUTOTUNE_MIN_MACS:
+    if math.prod(out.shape) * math.prod(kernel.shape[:-1]) < min_macs():
         return default, default
     key = json.dumps([backend, jax.devices()[0].device_kind, jax.__version__, x.shape, str(x.dtype), kernel.shape,
                       str(kernel.dtype), groups, {k: str(v) for k, v in kwargs.items()}])
