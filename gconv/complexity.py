@@ -7,6 +7,9 @@ layer counts once; BatchNorm, activations, pooling and additions are not counted
   "torchvision": every parameter (BatchNorm's too); MACs as above.
   "ioannou": Ioannou's thesis and Deep Roots: conv and fc weights plus biases, normalisation layers not counted;
     MACs plus one per bias (each bias counted once, not once per output position).
+  "pycls": Radosavovic et al.'s (pycls's "flops"): every parameter; MACs plus one per bias, as "ioannou".
+Every convention also gives the activations (`count_acts`, pycls's third measure): the output elements of every
+conv, dense layer and max-pool for one image.
 """
 from __future__ import annotations
 
@@ -21,10 +24,10 @@ import jax.numpy as jnp
 
 from gconv.layers import GroupedConv, record_calls
 
-__all__ = ["count_params", "count_macs", "count_flops", "counts", "Counts", "CONVENTIONS", "layer_costs", "LayerCost",
-           "breakdown", "preserving_width"]
+__all__ = ["count_params", "count_macs", "count_acts", "count_flops", "counts", "Counts", "CONVENTIONS", "layer_costs",
+           "LayerCost", "breakdown", "preserving_width"]
 
-CONVENTIONS = ("torchvision", "ioannou")
+CONVENTIONS = ("torchvision", "ioannou", "pycls")
 
 
 def count_params(params: Any) -> int:
@@ -51,17 +54,20 @@ def _kind(module: nn.Module, c_in: int, first: bool) -> str:
     return "dense_1x1" if math.prod(module.kernel_size) == 1 else "dense_kxk"
 
 
-def layer_costs(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any) -> list[LayerCost]:
-    """Per-layer parameters and MACs of every conv and dense layer, in call order.
+def _trace(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any) -> tuple[list[LayerCost], int, Any]:
+    """One shape-only pass (`jax.eval_shape` of `init`): per-layer costs of every conv and dense layer in call
+    order, the activations of one image (conv, dense and max-pool outputs) and the variables' shapes."""
+    from gconv.models.common import MaxPool3x3
 
-    `input_shape`: `(H, W, C)` for one image, or `(N, H, W, C)` for a batch of N (MACs scale with N).
-    """
     shape = tuple(input_shape)
     if len(shape) == 3:
         shape = (1,) + shape
     records: list[LayerCost] = []
+    acts = [0]
 
     def record(module, args, out):
+        if isinstance(module, (GroupedConv, nn.Dense, MaxPool3x3)):
+            acts[0] += math.prod(out.shape[1:])
         if not isinstance(module, (GroupedConv, nn.Dense)):
             return
         c_in = args[0].shape[-1]
@@ -75,8 +81,16 @@ def layer_costs(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any
         with record_calls(record):
             return model.init(jax.random.PRNGKey(0), jnp.zeros(shape, jnp.float32), **call_kwargs)
 
-    jax.eval_shape(init)
-    return records
+    variables = jax.eval_shape(init)
+    return records, acts[0] // shape[0], variables
+
+
+def layer_costs(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any) -> list[LayerCost]:
+    """Per-layer parameters and MACs of every conv and dense layer, in call order.
+
+    `input_shape`: `(H, W, C)` for one image, or `(N, H, W, C)` for a batch of N (MACs scale with N).
+    """
+    return _trace(model, input_shape, **call_kwargs)[0]
 
 
 def count_macs(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any) -> int:
@@ -84,10 +98,17 @@ def count_macs(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any)
     return sum(layer.macs for layer in layer_costs(model, input_shape, **call_kwargs))
 
 
+def count_acts(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any) -> int:
+    """Activations of one forward pass over one image `(H, W, C)`: the output elements of every conv, dense layer
+    and max-pool (pycls's "acts"; batch norms, activations and additions are not counted)."""
+    return _trace(model, input_shape, **call_kwargs)[1]
+
+
 @dataclasses.dataclass(frozen=True)
 class Counts:
     params: int
     macs: int
+    acts: int = 0
 
 
 def counts(model: nn.Module, input_shape: Sequence[int], convention: str = "torchvision",
@@ -96,13 +117,11 @@ def counts(model: nn.Module, input_shape: Sequence[int], convention: str = "torc
     module's docstring): "torchvision" or "ioannou"."""
     if convention not in CONVENTIONS:
         raise ValueError(f"convention={convention!r}: use one of {CONVENTIONS}.")
-    layers = layer_costs(model, input_shape, **call_kwargs)
-    macs = sum(layer.macs for layer in layers)
+    layers, acts, variables = _trace(model, input_shape, **call_kwargs)
+    macs, biases = sum(layer.macs for layer in layers), sum(layer.biases for layer in layers)
     if convention == "ioannou":
-        return Counts(sum(layer.params for layer in layers), macs + sum(layer.biases for layer in layers))
-    shape = (1,) + tuple(input_shape)
-    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape, jnp.float32), **call_kwargs))
-    return Counts(count_params(params["params"]), macs)
+        return Counts(sum(layer.params for layer in layers), macs + biases, acts)
+    return Counts(count_params(variables["params"]), macs + biases if convention == "pycls" else macs, acts)
 
 
 def count_flops(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any) -> int:

@@ -174,9 +174,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 500
     config.checkpoint_every_steps = 500
     config.keep_checkpoints = 2
+    config.precise_bn_images = 0  # > 0: BN statistics recomputed over this many training images before each eval
     config.storage_timeout_s = 300.0  # the longest wait on one storage operation before the run stops (one line)
     config.profile_steps = ""  # "a,b": a jax.profiler trace of training steps a..b in RUN_DIR/profile
     config.init_from = ""  # a PyTorch checkpoint (.pth/.safetensors) to start from, see gconv.convert
+    config.design_space = ""  # the design space a sampled point comes from (gconv.designspace): the report's EDFs
     config.paper_top1_error = -1.0  # the published figure for this point, shown beside ours; < 0 = none
     config.paper_top5_error = -1.0
     return config

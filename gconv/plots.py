@@ -10,7 +10,8 @@ from etils import epath
 
 from gconv import storage
 
-__all__ = ["pyplot", "save", "error_vs", "learning_curves", "compute_bars", "correlation_map", "correlation_maps"]
+__all__ = ["pyplot", "save", "error_vs", "learning_curves", "compute_bars", "correlation_map", "correlation_maps",
+           "error_edfs", "error_vs_mmacs_by_space"]
 
 
 def pyplot():
@@ -61,6 +62,42 @@ def error_vs(rows: Sequence[dict], x_of: Callable[[dict], Any], x_label: str, pa
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def error_edfs(errors: dict[str, Sequence[float]], path: epath.Path) -> None:
+    """The empirical distribution function of each design space's model errors (`errors[space]`), in one plot:
+    the fraction of its models with error <= x. A space whose curve lies above another's has more good models."""
+    from gconv.designspace import edf
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    for space, values in errors.items():
+        xs = np.sort(np.asarray(values, float))
+        ax.step(np.concatenate([[xs[0]], xs]), np.concatenate([[0.0], edf(values, xs)]), where="post",
+                label=f"{space} (n={len(xs)}, mean {xs.mean():.2f}%)")
+    ax.set_xlabel("top-1 error (%)")
+    ax.set_ylabel("cumulative fraction of models")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def error_vs_mmacs_by_space(rows: Sequence[dict], path: epath.Path) -> None:
+    """Each sampled model's top-1 error against its MMACs, coloured by its design space."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    spaces = list(dict.fromkeys(r["design_space"] for r in rows))
+    for space in spaces:
+        points = [r for r in rows if r["design_space"] == space and r.get("mean") is not None]
+        ax.scatter([r["mmacs"] for r in points], [r["mean"] for r in points], s=14, alpha=0.8, label=space)
+    ax.set_xlabel("MMACs (multiply-adds)")
+    ax.set_ylabel("top-1 error (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     save(fig, path)
 

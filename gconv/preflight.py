@@ -49,6 +49,10 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         if not math.isfinite(value) or value < 0 or (key == "learning_rate" and value == 0):
             raise ValueError(f"optim.{key}={value} must be a finite number >= 0"
                              f"{' and > 0' if key == 'learning_rate' else ''}.")
+    precise = config.get("precise_bn_images", 0)
+    if not isinstance(precise, int) or isinstance(precise, bool) or precise < 0:
+        raise ValueError(f"precise_bn_images={precise!r} must be a whole number of training images >= 0 (0: off; "
+                         f"e.g. --config.precise_bn_images=1024).")
     data_lib.num_threads(config.data.num_workers)
     if config.get("profile_steps"):
         parse_steps(config.profile_steps)

@@ -12,11 +12,12 @@ from etils import epath
 
 from gconv import checkpoints, metrics_log, plots, stats, storage, tensorboard
 
-__all__ = ["load_summaries", "report_table", "point_table", "results", "analyze_run", "write_report"]
+__all__ = ["load_summaries", "report_table", "point_table", "results", "analyze_run", "design_space_section",
+           "write_report"]
 
 FIRST_COLUMNS = [("point", "name", "{}"), ("model", "model", "{}")]  # (header, summary key, format)
 COLUMNS = [  # after the model's own fields (each family's `fields_of`: cardinality, groups, width, ...)
-    ("params", "params", "{:,}"), ("MMACs", "mmacs", "{:,.1f}"),
+    ("params", "params", "{:,}"), ("MMACs", "mmacs", "{:,.1f}"), ("acts", "acts", "{:,}"),
     ("final top-1 err (%)", "final_top1_error", "{:.2f}"), ("best top-1 err (%)", "best_top1_error", "{:.2f}"),
     ("paper top-1 err (%)", "paper_top1_error", "{:.1f}"),
     ("final top-5 err (%)", "final_top5_error", "{:.2f}"), ("paper top-5 err (%)", "paper_top5_error", "{:.1f}"),
@@ -201,7 +202,7 @@ def point_table(rows: list[dict[str, Any]]) -> str:
                       "p_value": None if r["p"] is None else f"{r['p']:.2f}",
                       "p_holm_value": None if r["p"] is None else f"{r['p_holm']:.2f}", "verdict": verdict})
     return _markdown(cells, [
-        ("params", "params", "{:,}"), ("MMACs", "mmacs", "{:,.1f}"), ("seeds", "n", "{}"),
+        ("params", "params", "{:,}"), ("MMACs", "mmacs", "{:,.1f}"), ("acts", "acts", "{:,}"), ("seeds", "n", "{}"),
         ("final top-1 err (%)", "final", "{}"), ("best top-1 err (%)", "best", "{}"),
         (f"Δ vs {rows[0]['name']} (pp)", "delta_pp", "{}"), ("p (Welch)", "p_value", "{}"),
         ("p (Holm)", "p_holm_value", "{}"), ("verdict", "verdict", "{}"),
@@ -217,6 +218,39 @@ def results(summaries: list[dict[str, Any]], rows: list[dict[str, Any]] | None =
     rows = rows if rows is not None else stats.point_rows(summaries)
     table = point_table(rows) if max(r["n"] for r in rows) > 1 else report_table(summaries)
     return table + "\n\n" + stats.noise_verdict(rows) if len(rows) > 1 else table
+
+
+def design_space_section(rows: list[dict[str, Any]], edf_path: Any, scatter_path: Any) -> list[str]:
+    """The report's comparison of design spaces (`rows`: one per sampled point, each with its `design_space`): the
+    EDF of each space's errors and error against MMACs (written to the two paths), each space's best models, and
+    the difference of each space's mean error from the first space's with its 95% bootstrap interval."""
+    from gconv.designspace import bootstrap_difference
+
+    by_space: dict[str, list[dict]] = {}
+    for row in rows:
+        if row.get("design_space") and row.get("mean") is not None:
+            by_space.setdefault(row["design_space"], []).append(row)
+    plots.error_edfs({space: [r["mean"] for r in members] for space, members in by_space.items()}, edf_path)
+    plots.error_vs_mmacs_by_space([r for members in by_space.values() for r in members], scatter_path)
+    text = ["## Design spaces", "",
+            "| design space | models | mean top-1 err (%) | best model | its top-1 err (%) | Δ mean vs first (pp), "
+            "95% bootstrap CI | verdict |", "|---|---:|---:|---|---:|---|---|"]
+    first = next(iter(by_space.values()), [])
+    for space, members in by_space.items():
+        errors = [r["mean"] for r in members]
+        best = min(members, key=lambda r: r["mean"])
+        if members is first or len(members) < 2 or len(first) < 2:
+            difference, verdict = "-", "-"
+        else:
+            delta, low, high = bootstrap_difference([r["mean"] for r in first], errors)
+            difference = f"{delta:+.2f} [{low:+.2f}, {high:+.2f}]"
+            verdict = "within noise" if low <= 0 <= high else "differs"
+        text.append(f"| {space} | {len(members)} | {sum(errors) / len(errors):.2f} | {best['name']} "
+                    f"({best['model']}) | {best['mean']:.2f} | {difference} | {verdict} |")
+    text += ["", "The EDF of a space is the fraction of its models with error at most x: a curve above another "
+             "means more good models at every error level (docs/design_spaces.md). A difference whose 95% bootstrap "
+             "interval holds 0 is within the noise of sampling so few models.", ""]
+    return text
 
 
 def write_report(workdir: Any, analyze: bool = True) -> epath.Path:
@@ -235,14 +269,20 @@ def write_report(workdir: Any, analyze: bool = True) -> epath.Path:
     seeded = max(r["n"] for r in rows) > 1
     axes = [s["sweep_axis"] for s in summaries if s.get("sweep_axis")]
     axis = max(set(axes), key=axes.count) if axes else "cardinality"  # the axis most points are swept along
-    pictures = [f"error_vs_{axis}.png", "error_vs_mmacs.png", "learning_curves.png"]
-    plots.error_vs(rows, lambda r: r.get(f"field:{axis}"), axis, workdir / pictures[0], axis != "width")
-    plots.error_vs(rows, lambda r: r.get("mmacs"), "MMACs (multiply-adds)", workdir / pictures[1], False)
+    spaces_text = []
+    if any(s.get("design_space") for s in summaries):  # sampled models: compared by design space, not by axis
+        pictures = ["error_edf_by_design_space.png", "error_vs_mmacs_by_design_space.png", "learning_curves.png"]
+        spaces_text = design_space_section(rows, workdir / pictures[0], workdir / pictures[1])
+    else:
+        pictures = [f"error_vs_{axis}.png", "error_vs_mmacs.png", "learning_curves.png"]
+        plots.error_vs(rows, lambda r: r.get(f"field:{axis}"), axis, workdir / pictures[0], axis != "width")
+        plots.error_vs(rows, lambda r: r.get("mmacs"), "MMACs (multiply-adds)", workdir / pictures[1], False)
     by_point = stats.group_by_point(summaries)
     curves = {point: [metrics_log.read_metrics(workdir / r["name"] / "metrics.jsonl") for r in runs]
               for point, runs in by_point.items()}
     plots.learning_curves(curves, workdir / pictures[2])
-    text = [f"# Report: {workdir.name}", "", results(summaries, rows), ""] + [f"![{name}]({name})" for name in pictures]
+    text = [f"# Report: {workdir.name}", "", results(summaries, rows), ""] + spaces_text + [
+        f"![{name}]({name})" for name in pictures]
     if seeded:
         text += ["", "## Runs", "", report_table(summaries)]
     if analyze:

@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 from gconv import storage
-from gconv.complexity import count_macs, count_params
+from gconv.complexity import count_acts, count_macs, count_params
 from gconv.models import family_of
 
 __all__ = ["run_summary"]
@@ -24,6 +24,7 @@ def run_summary(run_dir: Any, model: Any, config: Any, image_shape: tuple[int, .
         "seed": config.seed, "model": family.name_of(model), "family": family.name, "steps": total_steps,
         "fields": family.fields_of(model), "sweep_axis": family.sweep_axis,
         "params": count_params(params), "mmacs": count_macs(model, image_shape) / 1e6,
+        "acts": count_acts(model, image_shape), "design_space": config.get("design_space") or None,
         "final_top1_error": evals[max(evals)] if evals else None, "best_top1_error": min(evals.values(), default=None),
         "best_step": min(evals, key=lambda k: (evals[k], -k)) if evals else None,
         "img_per_sec": float(np.median(throughput)) if throughput else previous.get("img_per_sec"),

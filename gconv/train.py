@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import time
 from typing import Any, Callable
@@ -24,7 +25,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
 from gconv import data as data_lib
-from gconv import autotune, checkpoints, metrics_log, parallel, runlock, storage, watchdog
+from gconv import autotune, checkpoints, metrics_log, parallel, precise_bn, runlock, storage, watchdog
 from gconv.config import check_config
 from gconv.convert import load_torch_weights_for
 from gconv.models import model_from_config
@@ -238,6 +239,13 @@ def _train(config: ml_collections.ConfigDict, config_json: dict, run_dir: Any,
                 progress.update(done, batch_size, **({"loss": f"{means['loss']:.4f}", "img_s": f"{img_per_sec:,.0f}"}
                                                      if is_log else {}))
                 if is_eval:
+                    if config.get("precise_bn_images", 0) > 0:  # BN statistics over a fixed set of training images
+                        state = state.replace(batch_stats=precise_bn.precise_batch_stats(
+                            model, state.params, state.batch_stats, map(place_train, itertools.islice(
+                                data_lib.train_batches(train_source, info, batch_size, seed=config.seed,
+                                                       augment=config.data.augment, num_workers=config.data.num_workers,
+                                                       **parallel.input_shard(mesh)),
+                                -(-config.precise_bn_images // batch_size)))))
                     eval_batches = data_lib.eval_batches(eval_source, info, config.data.eval_batch_size,
                                                          config.data.num_workers)
                     scores = evaluate(eval_fn, state, map(place_eval, eval_batches))

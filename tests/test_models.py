@@ -126,6 +126,8 @@ def _tiny(name, **kw):
     fields = {f for f in cls.__dataclass_fields__}
     if "stage_sizes" in fields:
         small = dict(stage_sizes=(1,) * len(spec.get("stage_sizes", (4, 8, 4))))
+    elif "depths" in fields:  # AnyNet
+        small = dict(depths=(1,) * len(spec["depths"]))
     else:
         small = dict(width_multiplier=0.25) | (dict(fc_features=32) if "fc_features" in fields else {})
     return create_model(name, num_classes=7, **small, **kw)
@@ -147,7 +149,7 @@ def test_every_name_builds(name):
 # One name of each family and structural variant (stems, stage groups, channel rounding, groups that need
 # the shuffle's all-to-all, v2's split units, LRN and dropout, grouping schemes): compiled and run.
 REPRESENTATIVES = ["resnext11_8x4d", "resnext50_32x4d", "resnet50_root8", "shufflenet_g3_w1", "shufflenet_g8_wd4",
-                   "shufflenet_v2_x0_5", "alexnet_g2", "nin_cifar_tree4"]
+                   "shufflenet_v2_x0_5", "alexnet_g2", "nin_cifar_tree4", "regnetx_200mf"]
 
 
 @pytest.mark.parametrize("name", REPRESENTATIVES)
@@ -175,7 +177,7 @@ def _loss_and_grads(model, variables, x, y):
 
 
 @pytest.mark.parametrize("name", ["resnext11_4x4d", "shufflenet_g3_wd4", "shufflenet_v2_x0_5", "alexnet_g2",
-                                  "nin_cifar_root4"])
+                                  "nin_cifar_root4", "regnetx_400mf"])
 def test_every_parameter_receives_a_gradient(name):
     model = _tiny(name)
     res = _input_size(model)

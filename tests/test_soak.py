@@ -1,5 +1,5 @@
 """A pod job meets its faults in sequence: 2 processes x 4 devices on a `gs://` run directory (the local emulator),
-stopped by SIGTERM at 4-5 random steps, each time to a random process, and relaunched after each; then one process
+stopped by SIGTERM at 4 random steps, each time to a random process, and relaunched after each; then one process
 SIGKILLed in the middle of a checkpoint save and the job relaunched. The job ends with exactly the metrics of an
 uninterrupted 2-process run, one report, both processes exiting 0, and no checkpoint set aside as unreadable.
 
@@ -67,7 +67,7 @@ def _unfinished_checkpoint(env: dict, run: str) -> bool:
 def test_soak_sigterms_to_random_processes_then_a_sigkill_mid_checkpoint(tmp_path):
     seed = int(os.environ.get("GCONV_SOAK_SEED") or random.SystemRandom().randrange(2**31))
     rng = random.Random(seed)
-    targets = sorted(rng.sample(range(6, 36), rng.choice([4, 5])))
+    targets = sorted(rng.sample(range(6, 36), 4))
     victims = [rng.randrange(2) for _ in targets]
     killed = rng.randrange(2)
     print(f"soak seed {seed}: SIGTERM after steps {targets} to processes {victims}; then SIGKILL to process "

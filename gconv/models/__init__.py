@@ -8,6 +8,7 @@ Names (see each family's module):
   resnet50_root{2..64}                        gconv.models.resnext: per-stage groups (Ioannou et al.'s roots)
   alexnet_g{1,2,4}, alexnet                   gconv.models.alexnet: Caffe's bvlc_alexnet, filter groups
   nin_cifar, nin_cifar_{root,tree,col}{N}     gconv.models.nin: the thesis' NiN with filter-group schemes
+  anynet, regnetx_{200mf,...,32gf}            gconv.models.anynet: pycls's AnyNetX (per-stage fields) and RegNetX
 A name without its defining numbers (`resnext29`) takes them as arguments (`cardinality=8, base_width=64`).
 Overrides are the model's fields (`num_classes`, `dtype`, `bn_momentum`, `axis_name`, ...); one the model does
 not take raises `ValueError`.
@@ -22,8 +23,9 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
-from gconv.models import alexnet, nin, resnext, shufflenet, shufflenet_v2
+from gconv.models import alexnet, anynet, nin, resnext, shufflenet, shufflenet_v2
 from gconv.models.alexnet import AlexNet
+from gconv.models.anynet import AnyNet
 from gconv.models.common import ModelFamily
 from gconv.models.nin import NiN
 from gconv.models.resnext import ResNeXt, ResNeXtBottleneck
@@ -32,9 +34,10 @@ from gconv.models.shufflenet_v2 import InvertedResidual, ShuffleNetV2
 
 __all__ = ["create_model", "model_from_config", "list_models", "model_spec", "family_of", "register", "FAMILIES",
            "ModelFamily", "ResNeXt", "ResNeXtBottleneck", "ShuffleNetV1", "ShuffleUnit", "ShuffleNetV2",
-           "InvertedResidual", "shufflenet_v1_channels", "AlexNet", "NiN"]
+           "InvertedResidual", "shufflenet_v1_channels", "AlexNet", "NiN", "AnyNet"]
 
-FAMILIES: list[ModelFamily] = [resnext.FAMILY, shufflenet.FAMILY, shufflenet_v2.FAMILY, alexnet.FAMILY, nin.FAMILY]
+FAMILIES: list[ModelFamily] = [resnext.FAMILY, shufflenet.FAMILY, shufflenet_v2.FAMILY, alexnet.FAMILY, nin.FAMILY,
+                               anynet.FAMILY]
 
 
 def register(family: ModelFamily) -> ModelFamily:

@@ -180,9 +180,17 @@ def _shifted_windows(x: jax.Array, pad_value: float) -> list[jax.Array]:
             for i in range(3) for j in range(3)]
 
 
+class MaxPool3x3(nn.Module):
+    """`nn.MaxPool2d(3, 2, padding=1)`. `x: (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), C)`. A module (with no
+    parameters) so that `gconv.complexity` sees its output: pycls counts pooled outputs among the activations."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return functools.reduce(jnp.maximum, _shifted_windows(x, -jnp.inf))
+
+
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """`nn.MaxPool2d(3, 2, padding=1)`. `x: (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), C)`."""
-    return functools.reduce(jnp.maximum, _shifted_windows(x, -jnp.inf))
+    """`MaxPool3x3` applied inside a module's `__call__`."""
+    return MaxPool3x3()(x)
 
 
 def avg_pool_3x3_s2(x: jax.Array) -> jax.Array:

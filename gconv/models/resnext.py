@@ -44,10 +44,11 @@ class ResNeXtBottleneck(nn.Module):
     norm: ModuleDef
     strides: int = 1
     zero_init_last_bn: bool = False
+    features: int = 0  # block outputs; 0: 4 * planes (AnyNet sets them per stage)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        out_features = self.planes * EXPANSION
+        out_features = self.features or self.planes * EXPANSION
         y = nn.relu(self.norm(name="bn_reduce")(self.conv(self.width, 1, split="column", name="conv_reduce")(x)))
         y = self.conv(self.width, 3, groups=self.cardinality, strides=self.strides, split="local",
                       name="conv_group")(y)

@@ -1,0 +1,51 @@
+"""Precise BatchNorm (pycls's `compute_precise_bn_stats`): before an evaluation, every BatchNorm's running mean and
+variance are replaced by the mean and variance of its input over a fixed set of training images, instead of the
+exponential average of the last training batches.
+
+Each batch runs in training mode with momentum 0, which gives every layer's batch mean m_b and (biased) variance
+v_b over that batch; over the B batches of n_b images, mean = sum n_b m_b / N and var = sum n_b (v_b + m_b^2) / N
+- mean^2: the exact mean and variance over all N images of each layer's input as training mode computes it (a
+layer's input depends on its batch through the BatchNorms before it, as in training).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import flax.linen as nn
+import jax
+from flax import traverse_util
+
+__all__ = ["precise_batch_stats"]
+
+
+def precise_batch_stats(model: nn.Module, params: Any, batch_stats: Any, batches: Iterable[dict]) -> Any:
+    """The `batch_stats` tree recomputed over `batches` (each `image: (n_b, H, W, C)`), with the structure and
+    shardings of `batch_stats`. `model` is the whole model (BatchNorm synchronisation off: the arrays are global)."""
+    model = model.clone(bn_momentum=0.0, axis_name=None)
+
+    @jax.jit
+    def moments(images):
+        _, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                 mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
+        return traverse_util.flatten_dict(updates["batch_stats"])
+
+    first: dict = {}  # per layer: sum over batches of n_b * m_b
+    second: dict = {}  # per layer: sum over batches of n_b * (v_b + m_b^2)
+    count = 0
+    for batch in batches:
+        n = batch["image"].shape[0]
+        flat = moments(batch["image"])
+        for path in flat:
+            if path[-1] == "mean":
+                layer = path[:-1]
+                m, v = flat[path], flat[layer + ("var",)]
+                first[layer] = first.get(layer, 0.0) + n * m
+                second[layer] = second.get(layer, 0.0) + n * (v + m * m)
+        count += n
+    if not count:
+        raise ValueError("precise BatchNorm got no training images: set precise_bn_images >= 1, or 0 to turn it off.")
+    flat = {}
+    for layer in first:
+        mean = first[layer] / count
+        flat[layer + ("mean",)], flat[layer + ("var",)] = mean, second[layer] / count - mean * mean
+    return jax.device_put(traverse_util.unflatten_dict(flat), jax.tree.map(lambda x: x.sharding, batch_stats))
