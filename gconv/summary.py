@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 from gconv import storage
-from gconv.complexity import count_acts, count_macs, count_params
+from gconv.complexity import count_params, counts
 from gconv.models import family_of
 
 __all__ = ["run_summary"]
@@ -19,12 +19,13 @@ def run_summary(run_dir: Any, model: Any, config: Any, image_shape: tuple[int, .
     evals = {r["step"]: r["eval_top1_error"] for r in history if "eval_top1_error" in r}
     previous = storage.read_json(run_dir / "summary.json") if storage.exists(run_dir / "summary.json") else {}
     family, seeds = family_of(model), config.get("seeds", 1)
+    cost = counts(model, image_shape)  # MACs and activations, one shape-only pass
     return {
         "name": run_dir.name, "point": run_dir.name.removesuffix(f"_seed{config.seed}") if seeds > 1 else run_dir.name,
         "seed": config.seed, "model": family.name_of(model), "family": family.name, "steps": total_steps,
         "fields": family.fields_of(model), "sweep_axis": family.sweep_axis,
-        "params": count_params(params), "mmacs": count_macs(model, image_shape) / 1e6,
-        "acts": count_acts(model, image_shape), "design_space": config.get("design_space") or None,
+        "params": count_params(params), "mmacs": cost.macs / 1e6, "acts": cost.acts,
+        "design_space": config.get("design_space") or None,
         "final_top1_error": evals[max(evals)] if evals else None, "best_top1_error": min(evals.values(), default=None),
         "best_step": min(evals, key=lambda k: (evals[k], -k)) if evals else None,
         "img_per_sec": float(np.median(throughput)) if throughput else previous.get("img_per_sec"),

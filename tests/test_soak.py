@@ -23,8 +23,8 @@ from gcs_emulator import BUCKET, Emulator, list_objects, read_object
 pytestmark = pytest.mark.slow
 
 ARGS = ["--config", "experiments/default.py:local", "--point", "c2", "--config.mesh.data=-1",
-        "--config.num_steps=45", "--config.log_every_steps=3", "--config.checkpoint_every_steps=5",
-        "--config.eval_every_steps=30"]  # logs out of step with the checkpoints: pending metrics in each
+        "--config.num_steps=40", "--config.log_every_steps=3", "--config.checkpoint_every_steps=5",
+        "--config.eval_every_steps=20"]  # logs out of step with the checkpoints: pending metrics in each
 
 
 def _records(env: dict, run: str) -> list[dict]:
@@ -67,7 +67,7 @@ def _unfinished_checkpoint(env: dict, run: str) -> bool:
 def test_soak_sigterms_to_random_processes_then_a_sigkill_mid_checkpoint(tmp_path):
     seed = int(os.environ.get("GCONV_SOAK_SEED") or random.SystemRandom().randrange(2**31))
     rng = random.Random(seed)
-    targets = sorted(rng.sample(range(6, 36), 4))
+    targets = sorted(rng.sample(range(4, 20), 4))
     victims = [rng.randrange(2) for _ in targets]
     killed = rng.randrange(2)
     print(f"soak seed {seed}: SIGTERM after steps {targets} to processes {victims}; then SIGKILL to process "
@@ -100,6 +100,7 @@ def test_soak_sigterms_to_random_processes_then_a_sigkill_mid_checkpoint(tmp_pat
             resumed = saved.pop()
             stops.append(resumed)
 
+        assert resumed <= 35, f"the stops ran to step {resumed}: no checkpoint left to interrupt before step 40"
         procs = _job(envs, "soak")
         _wait(procs, lambda: _unfinished_checkpoint(env, "soak/c2"), "a checkpoint being written")
         procs[killed].kill()
@@ -113,11 +114,11 @@ def test_soak_sigterms_to_random_processes_then_a_sigkill_mid_checkpoint(tmp_pat
         after_kill = int(outs[0].split("c2: resuming at step ")[1].split()[0])
         soaked = strip_timing(_records(env, "soak/c2"))
         print(f"soak: {len(stops)} SIGTERM stops at steps {stops} and a SIGKILL (resumed at step {after_kill}) "
-              f"survived; 45 steps; "
+              f"survived; 40 steps; "
               f"{time.monotonic() - soak_started:.0f} s for the soaked job, {soak_started - started:.0f} s for the "
               f"uninterrupted one")
         assert soaked == straight
-        assert [r["step"] for r in soaked if "train_loss" in r] == list(range(3, 46, 3))
+        assert [r["step"] for r in soaked if "train_loss" in r] == list(range(3, 40, 3)) + [40]
         assert json.loads(read_object(env, "soak/c2/lowerings.json")) == lowerings and not caches[1].exists()
         assert list_objects(env, "soak/c2/metrics.parts/") == []
         assert not list_objects(env, "soak/c2/checkpoints_unreadable/")
