@@ -61,7 +61,7 @@ class MetricsLog:
         self.wall_offset = max((r.get("wall_time") or 0.0 for r in self.records), default=0.0)
         self.folded = len(self.records)  # records in metrics.jsonl itself; the rest are in this session's parts
         if enabled and (saved or storage.exists(path)):
-            self._fold(len(saved))
+            self._fold(saved)
         self.events = EventLog(path.parent / "tensorboard", self.records, enabled=enabled,
                                object_store=self.object_store)
 
@@ -78,13 +78,14 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.enabled and self.object_store and len(self.records) > self.folded:
-            self._fold(len(self.records))
+            self._fold(self.records)
         self.events.close()
 
-    def _fold(self, saved: int) -> None:
+    def _fold(self, saved: list[dict]) -> None:
         """Makes `metrics.jsonl` hold exactly `self.records`, with no segment left, in an order that loses nothing
-        if stopped at any point: all `saved` records are in `metrics.jsonl` before the segments go."""
-        complete = self.records if saved <= len(self.records) else read_metrics(self.path)
+        if stopped at any point: all `saved` records (what the storage holds) are in `metrics.jsonl` before the
+        segments go."""
+        complete = self.records if len(saved) <= len(self.records) else saved
         has_parts = storage.exists(self.parts)
         if has_parts:
             write_text(self.path, "".join(to_json(r) + "\n" for r in complete))

@@ -66,10 +66,11 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     return epath.Path(text if is_remote(text) else os.path.abspath(os.path.expanduser(text)))
 
 
-def local_dir_for(path: epath.Path, prefix: str) -> str:
+def local_dir_for(path: epath.Path, prefix: str, remote: bool | None = None) -> str:
     """Where a writer that only knows local files (TensorBoard, the profiler) writes what belongs in `path`: `path`
-    itself when local, else a fresh temporary directory to `mirror` into it."""
-    return tempfile.mkdtemp(prefix=prefix) if is_remote(path) else os.fspath(path)
+    itself when local, else a fresh temporary directory to `mirror` into it. `remote` (default: whether `path` is
+    a URL) treats a local `path` as object storage."""
+    return tempfile.mkdtemp(prefix=prefix) if (is_remote(path) if remote is None else remote) else os.fspath(path)
 
 
 def mirror(local_dir: str, path: epath.Path, copied: dict[str, tuple[int, int]] | None = None) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from typing import Any
 
 from etils import epath
@@ -35,8 +34,7 @@ class EventLog:
         if storage.exists(log_dir):
             with watch("delete", log_dir):
                 log_dir.rmtree()
-        remote = storage.is_remote(log_dir) if object_store is None else object_store
-        self._local = tempfile.mkdtemp(prefix="gconv-tb-") if remote else os.fspath(log_dir)
+        self._local = storage.local_dir_for(log_dir, "gconv-tb-", remote=object_store)
         self._copied: dict = {}
         self._files, self._in_file = 0, 0
         self._open()
