@@ -87,7 +87,8 @@ def main(argv: list[str]) -> int:
         jax.config.update("jax_compilation_cache_dir", storage.cache_dir("xla"))
     from gconv.config import expand_sweep, load_experiment
     from gconv.preflight import preflight
-    from gconv.train import Stopped, train_and_evaluate
+    from gconv.members import group_runs
+    from gconv.train import Stopped, train_members
 
     if args.multiprocess or args.coordinator_address or args.num_processes or args.process_id:
         given = distributed_args(args, os.environ)
@@ -108,10 +109,12 @@ def main(argv: list[str]) -> int:
     name = os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0]
     suffix = args.config.partition(":")[2]
     workdir = storage.as_path(args.workdir or os.path.join("runs", name + (f"_{suffix}" if suffix else "")))
-    for point, point_config in runs:
-        print(f"== {point} -> {workdir / point}", flush=True)
+    for group in group_runs(runs):  # runs that build the same shapes train as one program (gconv.members)
+        names = [point for point, _ in group]
+        print(f"== {names[0]} -> {workdir / names[0]}" if len(names) == 1 else
+              f"== {', '.join(names)} -> {workdir}/ (one program, {len(names)} members)", flush=True)
         try:
-            train_and_evaluate(point_config, workdir / point)
+            train_members([point_config for _, point_config in group], [workdir / point for point in names])
         except Stopped as e:  # preempted (SIGTERM: 143) or interrupted (SIGINT: 130) after saving
             print(e, flush=True)
             return 128 + e.signum

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 
 __all__ = ["ENV_ENABLE", "ENV_CACHE", "enabled", "static", "pick", "time_call", "clear", "measurements", "given", "use",
-           "recording"]
+           "recording", "choices"]
 
 ENV_ENABLE, ENV_CACHE = "GCONV_AUTOTUNE", "GCONV_AUTOTUNE_CACHE"
 SHARE_TIMEOUT_MS = 30 * 60 * 1000  # how long the other processes wait for process 0 to measure one shape
@@ -55,6 +55,12 @@ def static() -> Iterator[None]:
 def measurements() -> list[str]:
     """Keys measured so far in this process."""
     return list(_measured)
+
+
+def choices() -> dict[str, str]:
+    """This process's choices so far ({key: lowering}: measured, cached or received)."""
+    with _lock:
+        return dict(_memory)
 
 
 def clear() -> None:
@@ -144,9 +150,11 @@ def _write_disk(path: str, key: str, choice: str) -> None:
     os.replace(tmp, path)
 
 
-def pick(key: str, candidates: Sequence[str], measure: Callable[[str], float], default: str) -> str:
+def pick(key: str, candidates: Sequence[str], measure: Callable[[str], float], default: str,
+         known: Callable[[str], str | None] | None = None) -> str:
     """The fastest of `candidates` for `key` (measured once, then cached; in a multi-process job, process 0's);
-    a given choice (`use`) first; `default` when measuring is off."""
+    a given choice (`use`) first; `default` when measuring is off. `known(key)`: a choice measured before (a
+    shipped table, `gconv.ops.lowering_table`), taken after the caches and instead of measuring."""
     if len(candidates) == 1:
         return candidates[0]
     with _lock:
@@ -158,19 +166,23 @@ def pick(key: str, candidates: Sequence[str], measure: Callable[[str], float], d
     with _lock:
         if key in _memory:
             return _chose(key, _memory[key])
-    choice = _shared(key, lambda: _choose(key, candidates, measure))
+    choice = _shared(key, lambda: _choose(key, candidates, measure, known))
     with _lock:
         _memory[key] = choice
     return _chose(key, choice)
 
 
-def _choose(key: str, candidates: Sequence[str], measure: Callable[[str], float]) -> str:
-    """This process's choice for `key`: from the disk cache, else measured (and cached)."""
+def _choose(key: str, candidates: Sequence[str], measure: Callable[[str], float],
+            known: Callable[[str], str | None] | None = None) -> str:
+    """This process's choice for `key`: from the disk cache, else a known one, else measured (and cached)."""
     path = os.environ.get(ENV_CACHE)
     if path:
         stored = _read_disk(path).get(key)
         if stored in candidates:
             return stored
+    stored = known(key) if known is not None else None
+    if stored in candidates:
+        return stored
     times = {name: measure(name) for name in candidates}
     choice = min(times, key=times.get)
     with _lock:

@@ -7,52 +7,31 @@ the identity, so a block reads the same with or without the split.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 
 from gconv import ops
+from gconv.ops.manual_axes import varying
 
-__all__ = ["DATA", "MODEL", "GroupSplit", "NO_SPLIT", "copy_to_split", "reduce_from_split",
+__all__ = ["DATA", "MODEL", "MEMBER", "GroupSplit", "NO_SPLIT", "copy_to_split", "reduce_from_split",
            "sharded_channel_shuffle", "gather_channels", "local_channels"]
 
-DATA, MODEL = "data", "model"  # the mesh's batch axis and its group axis
+DATA, MODEL, MEMBER = "data", "model", "member"  # the mesh's batch, group and member axes
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def copy_to_split(x: jax.Array, axis_name: str) -> jax.Array:
-    """Identity forward; gradients summed over `axis_name` backward. Marks a replicated activation entering a
-    region whose devices each compute a different part (Megatron's "f")."""
-    return x
+    """A replicated activation entering a region whose devices each compute a different part (Megatron's "f"):
+    identity forward, gradients summed over `axis_name` backward. `shard_map`'s replication types do the sum: the
+    value is cast to varying over the axis, whose transpose is a `psum` (a value already typed varying, say an
+    all-gather's result, needs no cast: its transpose sums)."""
+    return x if axis_name in varying(x) else jax.lax.pcast(x, axis_name, to="varying")
 
 
-def _copy_fwd(x, axis_name):
-    return x, None
-
-
-def _copy_bwd(axis_name, _, g):
-    return (jax.lax.psum(g, axis_name),)
-
-
-copy_to_split.defvjp(_copy_fwd, _copy_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def reduce_from_split(x: jax.Array, axis_name: str) -> jax.Array:
-    """Sum of the devices' partial results over `axis_name` forward; identity backward (Megatron's "g")."""
+    """Sum of the devices' partial results over `axis_name` forward; identity backward (Megatron's "g"): a
+    `psum`, whose transpose under `shard_map`'s replication types hands each device the cotangent."""
     return jax.lax.psum(x, axis_name)
-
-
-def _reduce_fwd(x, axis_name):
-    return jax.lax.psum(x, axis_name), None
-
-
-def _reduce_bwd(axis_name, _, g):
-    return (g,)
-
-
-reduce_from_split.defvjp(_reduce_fwd, _reduce_bwd)
 
 
 def sharded_channel_shuffle(x: jax.Array, groups: int, axis_name: str, axis_size: int) -> jax.Array:

@@ -157,6 +157,9 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.seeds = 1  # runs per sweep point, with seeds seed, seed + 1, ...; the report gives mean ± std over them
+    config.members = "auto"  # runs that differ only in seed or optimizer values train as one program (gconv.members):
+    # "auto" joins them on an accelerator, "on" everywhere, "off" never, N at most N per program
+    config.member_vmap = 0  # members computed at once by vmap (0: all; fewer hold less memory, in blocks one by one)
     # A family's bare name plus its fields (or a full registry name such as "resnext50_32x4d" alone).
     config.model = ml_collections.ConfigDict(dict(name="resnext11", cardinality=1, base_width=16, dtype="float32"))
     config.data = ml_collections.ConfigDict(dict(
@@ -166,7 +169,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim = ml_collections.ConfigDict(dict(
         name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine",
         warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1, label_smoothing=0.0))
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, layout="data_major"))  # -1: all remaining devices
+    config.mesh = ml_collections.ConfigDict(dict(  # -1: all remaining devices; member: blocks the members spread over
+        data=-1, model=1, member=1, layout="data_major"))
     config.parallel = "shard_map"  # or "pmap", the same data-parallel step
     config.num_epochs = 30.0
     config.num_steps = -1  # > 0 overrides num_epochs
@@ -205,9 +209,9 @@ def cardinality_sweep(cardinalities: Iterable[int], channels: int = 256, base_wi
             for c in cardinalities]
 
 
-# Where and how a run executes, not what it computes (mesh, step transform, input threads, storage waits): free
-# to change on resume.
-_PLACEMENT = ("mesh", "parallel", "storage_timeout_s")
+# Where and how a run executes, not what it computes (mesh, step transform, input threads, storage waits, joining
+# other runs): free to change on resume.
+_PLACEMENT = ("mesh", "parallel", "storage_timeout_s", "members", "member_vmap")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
+
 from etils import epath
 
 from gconv import storage
@@ -103,8 +105,8 @@ class PendingMetrics:
     the relaunch back to an older one, whose pending steps are still there."""
     KEEP = 8
 
-    def __init__(self, run_dir: epath.Path, start_step: int, enabled: bool = True):
-        self.path, self.enabled = run_dir / "pending.json", enabled
+    def __init__(self, run_dir: epath.Path, start_step: int, enabled: bool = True, lane: int | None = None):
+        self.path, self.enabled, self.lane = run_dir / "pending.json", enabled, lane
         saved = read_json(self.path) if storage.exists(self.path) else {}
         if "step" in saved:  # the one-checkpoint form of earlier runs
             saved = {"by_step": {str(saved["step"]): saved.get("metrics", [])}}
@@ -112,8 +114,10 @@ class PendingMetrics:
         self.steps: list[tuple[int, dict]] = [tuple(p) for p in self.by_step.get(str(start_step), [])]
 
     def fetch(self) -> None:
-        """Brings the pending metrics to the host, checking that they are finite."""
-        host = [(step, {k: float(v) for k, v in m.items()}) for step, m in self.steps]
+        """Brings the pending metrics to the host, checking that they are finite. With a `lane` (a member of a
+        group, gconv.members), each metric of a step not yet fetched holds every member's value: this one's is kept."""
+        host = [(step, {k: float(v if self.lane is None or np.ndim(v) == 0 else np.asarray(v)[self.lane])
+                        for k, v in m.items()}) for step, m in self.steps]
         for step, metrics in host:
             bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
             if bad:

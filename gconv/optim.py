@@ -9,7 +9,7 @@ import jax
 import ml_collections
 import optax
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "create_schedule", "create_optimizer"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "create_schedule", "create_optimizer", "build_optimizer"]
 
 OPTIMIZERS, SCHEDULES = ("sgd", "adamw"), ("cosine", "step", "constant")
 
@@ -37,17 +37,21 @@ def create_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int, tota
     return optax.join_schedules([ramp, decay], [warmup])
 
 
+def build_optimizer(optim: ml_collections.ConfigDict, learning_rate: optax.ScalarOrSchedule, weight_decay,
+                    momentum) -> optax.GradientTransformation:
+    """The transformation `optim.name` names, with these rates (Python floats, or a member's traced values under
+    `vmap`: gconv.members); its state's structure depends on `optim` alone."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    if optim.name == "sgd":
+        return optax.chain(optax.add_decayed_weights(weight_decay, decay_mask),
+                           optax.sgd(learning_rate, momentum=momentum, nesterov=optim.nesterov))
+    if optim.name == "adamw":
+        return optax.adamw(learning_rate, weight_decay=weight_decay, mask=decay_mask)
+    raise ValueError(f"optim.name={optim.name!r} is not known: use one of {list(OPTIMIZERS)}.")
+
+
 def create_optimizer(optim: ml_collections.ConfigDict, steps_per_epoch: int,
                      total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """`(tx, schedule)` for `optim` (see the module docstring)."""
     schedule = create_schedule(optim, steps_per_epoch, total_steps)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
-    if optim.name == "sgd":
-        tx = optax.chain(optax.add_decayed_weights(optim.weight_decay, decay_mask),
-                         optax.sgd(schedule, momentum=optim.momentum, nesterov=optim.nesterov))
-    elif optim.name == "adamw":
-        tx = optax.adamw(schedule, weight_decay=optim.weight_decay, mask=decay_mask)
-    else:
-        raise ValueError(f"optim.name={optim.name!r} is not known: use one of {list(OPTIMIZERS)}.")
-    return tx, schedule
-
+    return build_optimizer(optim, schedule, optim.weight_decay, optim.momentum), schedule

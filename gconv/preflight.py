@@ -12,6 +12,7 @@ import ml_collections
 
 from gconv import data as data_lib
 from gconv import parallel
+from gconv.members import member_limit
 from gconv.models import family_of, model_from_config
 from gconv.optim import OPTIMIZERS, SCHEDULES
 from gconv.progress import parse_steps
@@ -77,6 +78,7 @@ def preflight(config: ml_collections.ConfigDict) -> None:
     """Checks sizes, intervals, names, dtypes, the model and its overrides, the mesh against the devices and batch
     sizes, that the groups split over `mesh.model`, that the dataset is present and that `init_from` reads."""
     _check_values(config)
+    member_limit(config)
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_batch_divides(config.data.batch_size, mesh)
     parallel.check_batch_divides(config.data.eval_batch_size, mesh)

@@ -155,3 +155,47 @@ def test_a_resumed_run_lowers_as_the_run_it_resumes(cli, measuring, monkeypatch,
     assert json.loads((stopped / "lowerings.json").read_text()) == recorded
     assert strip_timing(read_metrics(stopped / "metrics.jsonl")) == strip_timing(read_metrics(run / "metrics.jsonl"))
     assert autotune.measurements() == []
+
+
+def test_a_lowering_table_is_taken_before_measuring(measuring, monkeypatch, tmp_path):
+    """bench/lowering_table.py measures every conv of a model once and writes the device kind's table; with the
+    table in place, a fresh process measures nothing and takes its choices (a table flipped to other candidates
+    shows that they come from it), across JAX versions (the key leaves the version out)."""
+    import subprocess
+    import sys
+
+    from gconv.ops import lowering_table
+    from conftest import ROOT
+
+    out = tmp_path / "tables"
+    proc = subprocess.run([sys.executable, "bench/lowering_table.py", "--models", "resnext11_4x6d", "--image",
+                           "8,8,1", "--batch", "8", "--dtype", "float32", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    path = lowering_table.table_path(jax.devices()[0].device_kind, str(out))
+    table = json.loads(open(path).read())
+    assert table["choices"] and "measured" in table and f"wrote {path}" in proc.stdout
+    key = next(iter(table["choices"]))
+    assert jax.__version__ not in key
+
+
+    def other(key, chosen):  # another candidate of the key's conv (fields: backend, kind, x, dtype, kernel, ...)
+        backend, _, x_shape, _, kernel_shape, _, groups, _ = json.loads(key.partition(" ")[2])
+        return next(c for c in choice.candidate_impls(kernel_shape, x_shape[-1], groups, backend) if c != chosen)
+
+    flipped = {k: other(k, v) for k, v in table["choices"].items()}
+    with open(path, "w") as f:
+        json.dump({**table, "choices": flipped}, f)
+    monkeypatch.setenv(lowering_table.ENV_TABLES, str(out))
+    monkeypatch.delenv(autotune.ENV_CACHE)
+    lowering_table._load.cache_clear()
+    from gconv.models import create_model
+
+    model = create_model("resnext11_4x6d", num_classes=10)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32))
+    with autotune.recording() as used:
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
+                       jax.ShapeDtypeStruct((8, 8, 8, 1), jnp.float32))
+    assert autotune.measurements() == [] and used
+    assert all(flipped[lowering_table.portable(k)] == v for k, v in used.items())
+    lowering_table._load.cache_clear()

@@ -55,6 +55,25 @@ def test_two_processes_train_as_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_members_spread_over_two_processes_train_as_on_one(tmp_path):
+    """Two seeds joined (gconv.members) on a `member` x `data` mesh whose member axis spans the processes: each
+    process holds one member, fed and saved by its own devices; the same records as one process with 8 devices."""
+    args = [*RUN[:-2], "--config.num_steps=4", "--config.log_every_steps=1", "--config.seeds=2", "--config.members=on",
+            "--config.mesh.member=2", "--skip_analysis"]
+    procs = two_processes(tmp_path / "two", *args)
+    outs = [proc.communicate(timeout=400)[0] for proc in procs]
+    for i, (proc, out) in enumerate(zip(procs, outs)):
+        assert proc.returncode == 0 and "one program, 2 members" in out, f"process {i}:\n{out}"
+    launch_here(*args, "--workdir", str(tmp_path / "one"))
+    for name in ("c2_seed0", "c2_seed1"):
+        one, two = (read_metrics(tmp_path / w / name / "metrics.jsonl") for w in ("one", "two"))
+        assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 4]
+        _assert_close(one[:1], two[:1])  # step 1: only the order of the all-reduce sums differs (see `_rtol`)
+        assert abs(one[-1]["eval_top1_error"] - two[-1]["eval_top1_error"]) <= 100 / 360 + 1e-9
+        assert sorted(p.name for p in (tmp_path / "two" / name / "checkpoints").iterdir()) == ["4"]
+
+
+@pytest.mark.slow
 def test_a_failure_in_one_process_ends_both_naming_it(tmp_path):
     port = free_port()
     four = {"XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")}  # conftest's flags

@@ -45,6 +45,10 @@ def test_grouped_conv_matches_reference(case):
         with pytest.raises(ValueError, match="impl='dot' computes 1x1 convolutions"):
             ops.grouped_conv(x, k, case["groups"], impl="dot", **kw)
         return
+    if case["impl"] == "pallas" and case["nd"] != 2:
+        with pytest.raises(ValueError, match="impl='pallas' computes 2-D convs"):
+            ops.grouped_conv(x, k, case["groups"], impl="pallas", **kw)
+        return
     got = ops.grouped_conv(x, k, case["groups"], impl=case["impl"], **kw)
     reference = lambda a, b: ops.grouped_conv_reference(a, b, case["groups"], **kw)  # noqa: E731
     bound = linear_bound(reference, x, k, terms=conv_terms(k.shape, case["c_in"]))

@@ -2,20 +2,26 @@
 (`gconv.autotune`), forward and backward chosen separately; or, with measuring off, a deterministic rule of thumb."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
-from typing import Sequence
+import threading
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import custom_batching
 
 from gconv import autotune
+from gconv.ops import lowering_table
 from gconv.ops.lowerings import LOWERINGS, blockdiag, lower, shift, split
+from gconv.ops.manual_axes import like_primals
 
-__all__ = ["AUTOTUNE_MIN_MACS", "candidate_impls", "static_impl", "tuned_impls", "forward_backward"]
+__all__ = ["AUTOTUNE_MIN_MACS", "candidate_impls", "static_impl", "tuned_impls", "forward_backward", "members",
+           "member_count", "member_loop", "per_member"]
 
 # Below this many multiply-adds a conv takes well under a millisecond: timing it is mostly noise, and measuring
 # (two compiles per candidate) costs more than any choice can win back, so the static rule decides.
@@ -30,6 +36,25 @@ def min_macs() -> int:
     if value and not value.isdigit():
         raise ValueError(f"GCONV_AUTOTUNE_MIN_MACS={value!r} must be a whole number of multiply-adds (e.g. 0).")
     return int(value) if value else AUTOTUNE_MIN_MACS
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def members(count: int) -> Iterator[None]:
+    """While tracing a step `vmap`ped over `count` members (gconv.members): every conv then runs `count` at a time
+    (JAX batches them into one conv of `count` x the groups), so "auto" measures and keys its choice at that size."""
+    previous, _local.members = member_count(), count
+    try:
+        yield
+    finally:
+        _local.members = previous
+
+
+def member_count() -> int:
+    """The member count of the step being traced (1 outside `members`)."""
+    return getattr(_local, "members", 1)
+
+
 _BLOCKDIAG_SMALL = 2**16  # dense kernel entries below which one dense conv beats every other CPU lowering
 
 
@@ -69,17 +94,23 @@ def tuned_impls(x: jax.Array, kernel: jax.Array, groups: int, nd: int, kwargs: d
     if len(candidates) == 1 or not (autotune.enabled() or autotune.given()):
         return default, default
     out = jax.eval_shape(functools.partial(lower, default, groups=groups, nd=nd, **kwargs), x, kernel)
-    if math.prod(out.shape) * math.prod(kernel.shape[:-1]) < min_macs():
+    m = 1 if member_loop() else member_count()  # a members' step runs this conv as one batched conv of m
+    if m * math.prod(out.shape) * math.prod(kernel.shape[:-1]) < min_macs():
         return default, default
     key = json.dumps([backend, jax.devices()[0].device_kind, jax.__version__, x.shape, str(x.dtype), kernel.shape,
-                      str(kernel.dtype), groups, {k: str(v) for k, v in kwargs.items()}])
-    conv = lambda impl: functools.partial(lower, impl, groups=groups, nd=nd, **kwargs)  # noqa: E731
+                      str(kernel.dtype), groups, {k: str(v) for k, v in kwargs.items()}] + ([{"members": m}] if m > 1
+                                                                                          else []))
+
+    def conv(impl):
+        one = functools.partial(lower, impl, groups=groups, nd=nd, **kwargs)
+        return jax.vmap(one) if m > 1 else one
+
     arrays = []
 
-    def inputs():  # random operands of this call's shapes, made once and only when something is measured
+    def inputs():  # random operands of this call's shapes (m of each), made once and only when something is measured
         if not arrays:
             rng = np.random.default_rng(0)
-            arrays.extend(jnp.asarray(rng.standard_normal(a.shape), a.dtype) for a in (x, kernel, out))
+            arrays.extend(jnp.asarray(rng.standard_normal((m,) * (m > 1) + a.shape), a.dtype) for a in (x, kernel, out))
         return arrays
 
     def measure_forward(impl: str) -> float:
@@ -87,12 +118,12 @@ def tuned_impls(x: jax.Array, kernel: jax.Array, groups: int, nd: int, kwargs: d
             return autotune.time_call(jax.jit(conv(impl)), *inputs()[:2])
 
     def measure_backward(impl: str) -> float:
-        backward = jax.jit(lambda a, k, g: jax.vjp(conv(impl), a, k)[1](g))
+        backward = jax.jit(lambda a, w, g: jax.vjp(conv(impl), a, w)[1](g))
         with jax.ensure_compile_time_eval():
             return autotune.time_call(backward, *inputs())
 
-    forward = autotune.pick("forward " + key, candidates, measure_forward, default)
-    backward = autotune.pick("backward " + key, candidates, measure_backward, default)
+    forward = autotune.pick("forward " + key, candidates, measure_forward, default, lowering_table.lookup)
+    backward = autotune.pick("backward " + key, candidates, measure_backward, default, lowering_table.lookup)
     return forward, backward
 
 
@@ -107,7 +138,46 @@ def forward_backward(fwd_impl: str, bwd_impl: str, groups: int, nd: int, kwargs:
         return conv(x, kernel), (x, kernel)
 
     def conv_bwd(residuals, g):
-        return jax.vjp(lambda a, k: lower(bwd_impl, a, k, groups, nd, **kwargs), *residuals)[1](g)
+        return like_primals(jax.vjp(lambda a, k: lower(bwd_impl, a, k, groups, nd, **kwargs), *residuals)[1](g),
+                            residuals)
 
     conv.defvjp(conv_fwd, conv_bwd)
+    return conv
+
+
+def member_loop() -> bool:
+    """Whether a members' step computes each member's convs on its own (`per_member`): on the CPU, where one
+    grouped conv over the members (JAX's batching rule) is slower than the members' convs one after another."""
+    return jax.default_backend() == "cpu"
+
+
+def _one_per_member(fn):
+    """`fn`, whose `vmap` over members calls it once per member (unrolled) when every argument is batched."""
+    f = custom_batching.custom_vmap(fn)
+
+    @f.def_vmap
+    def rule(axis_size, in_batched, *args):
+        if all(in_batched):
+            outs = [fn(*(a[i] for a in args)) for i in range(axis_size)]
+            out = jax.tree.map(lambda *o: jnp.stack(o), *outs)
+        else:
+            out = jax.vmap(fn, in_axes=tuple(0 if b else None for b in in_batched))(*args)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return f
+
+
+def per_member(fwd_impl: str, bwd_impl: str, groups: int, nd: int, kwargs: dict):
+    """The conv of `forward_backward`, for a step `vmap`ped over members: each member's conv (forward and
+    backward) computed on its own, not as one grouped conv over the members."""
+    one = lambda impl: functools.partial(lower, impl, groups=groups, nd=nd, **kwargs)  # noqa: E731
+    forward = _one_per_member(one(fwd_impl))
+    backward = _one_per_member(lambda x, kernel, g: jax.vjp(one(bwd_impl), x, kernel)[1](g))
+
+    @jax.custom_vjp
+    def conv(x, kernel):
+        return forward(x, kernel)
+
+    conv.defvjp(lambda x, kernel: (forward(x, kernel), (x, kernel)),
+                lambda res, g: like_primals(backward(*res, g), res))
     return conv

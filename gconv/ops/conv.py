@@ -38,9 +38,10 @@ def grouped_conv(
       impl: the lowering, all computing the same function: "xla" (`feature_group_count`), "blockdiag" (one dense
         conv over a block-diagonal kernel), "split" (one conv per group), "shift" (a sum of shifted multiply-adds,
         one per tap and channel of a group: for depthwise and few-channels-per-group convs), "dot" (1x1 convs as
-        a matrix product) or "auto" (default: the fastest for this shape, dtype and backend, measured once and
-        cached, forward and backward chosen separately; see `gconv.ops.choice`; with `GCONV_AUTOTUNE=0` the
-        deterministic `static_impl` rule).
+        a matrix product), "pallas" (Pallas kernels: implicit GEMMs with the groups in the grid; Triton on a
+        GPU, the interpreter elsewhere; 2-D only) or "auto" (default: the fastest for this shape, dtype and
+        backend, measured once and cached, forward and backward chosen separately; see `gconv.ops.choice`; with
+        `GCONV_AUTOTUNE=0` the deterministic `static_impl` rule).
     Returns:
       `(N, *spatial_out, C_out)`.
     """
@@ -53,6 +54,8 @@ def grouped_conv(
     if impl != "auto":
         return lower(impl, x, kernel, groups, nd, **kwargs)
     fwd_impl, bwd_impl = choice.tuned_impls(x, kernel, groups, nd, kwargs)
+    if choice.member_count() > 1 and choice.member_loop():
+        return choice.per_member(fwd_impl, bwd_impl, groups, nd, kwargs)(x, kernel)
     if fwd_impl == bwd_impl:
         return lower(fwd_impl, x, kernel, groups, nd, **kwargs)
     return choice.forward_backward(fwd_impl, bwd_impl, groups, nd, kwargs)(x, kernel)

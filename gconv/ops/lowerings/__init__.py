@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import jax
 
-from gconv.ops.lowerings import blockdiag, dot, shift, split, xla
+from gconv.ops.lowerings import blockdiag, dot, pallas, shift, split, xla
 from gconv.ops.lowerings.base import Lowering
 
 __all__ = ["Lowering", "LOWERINGS", "lower"]
 
-_REGISTERED = (xla.LOWERING, blockdiag.LOWERING, split.LOWERING, shift.LOWERING, dot.LOWERING)
+_REGISTERED = (xla.LOWERING, blockdiag.LOWERING, split.LOWERING, shift.LOWERING, dot.LOWERING, pallas.LOWERING)
 LOWERINGS: dict[str, Lowering] = {lowering.name: lowering for lowering in _REGISTERED}  # in the order "auto" times
 
 

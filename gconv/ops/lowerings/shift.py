@@ -12,6 +12,7 @@ from jax import lax
 
 from gconv.ops.args import explicit_pads, pad_spatial
 from gconv.ops.lowerings.base import Lowering
+from gconv.ops.manual_axes import like_primals
 
 __all__ = ["LOWERING", "MAX_TERMS"]
 
@@ -30,7 +31,7 @@ def _conv(x: jax.Array, kernel: jax.Array, groups: int, nd: int, **kwargs) -> ja
     def conv_bwd(residuals, g):
         x, kernel = residuals
         dx = jax.vjp(lambda a: _forward(a, kernel, groups, nd, **kwargs), x)[1](g)[0]
-        return dx, _kernel_grad(x, g, kernel, groups, nd, **kwargs)
+        return like_primals((dx, _kernel_grad(x, g, kernel, groups, nd, **kwargs)), residuals)
 
     conv.defvjp(lambda x, kernel: (conv(x, kernel), (x, kernel)), conv_bwd)
     return conv(x, kernel)
