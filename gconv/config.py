@@ -19,7 +19,7 @@ from etils import epath
 
 from gconv import checkpoints, storage
 
-__all__ = ["load_experiment", "apply_overrides", "expand_sweep", "flat_keys", "parse_value", "base_config",
+__all__ = ["load_experiment", "apply_overrides", "expand_sweep", "flat_keys", "flat_items", "parse_value", "base_config",
            "make_local", "cardinality_sweep", "check_config"]
 
 
@@ -214,10 +214,11 @@ def cardinality_sweep(cardinalities: Iterable[int], channels: int = 256, base_wi
 _PLACEMENT = ("mesh", "parallel", "storage_timeout_s", "members", "member_vmap")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flat_items(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict (a config as JSON) as `{dotted key: value}`."""
     out = {}
     for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        out.update(flat_items(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
     return out
 
 
@@ -225,8 +226,8 @@ def _what(config_json: dict) -> dict[str, Any]:
     """What a run trained with, as dotted keys: the config less placement, input threads and the published figures
     the report shows beside it (`paper_*`), with keys it lacks at gconv's defaults (a key added to gconv since the
     run was written, at its default, changes nothing)."""
-    defaults = _flat(json.loads(base_config().to_json_best_effort()))
-    return {k: v for k, v in {**defaults, **_flat(config_json)}.items()
+    defaults = flat_items(json.loads(base_config().to_json_best_effort()))
+    return {k: v for k, v in {**defaults, **flat_items(config_json)}.items()
             if k.split(".")[0] not in _PLACEMENT and k != "data.num_workers" and not k.startswith("paper_")}
 
 

@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from gconv.config import flat_items
 from gconv.ops import choice
 from gconv.optim import build_optimizer
 
 __all__ = ["JOINABLE", "HYPER", "group_runs", "member_limit", "vmap_width", "hyper_table", "member_train_step",
-           "member_eval_step", "take", "stack"]
+           "member_eval_step"]
 
 # Config keys whose values may differ between members: they change no shape and no step of the loop.
 JOINABLE = ("seed", "seeds", "members", "design_space", "paper_top1_error", "paper_top5_error",
@@ -52,16 +53,9 @@ def member_limit(config: ml_collections.ConfigDict) -> int:
     return int(value)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
 def _program(config: ml_collections.ConfigDict) -> str:
     """What the members of a group share: the config without its joinable keys."""
-    flat = _flat(json.loads(config.to_json_best_effort()))
+    flat = flat_items(json.loads(config.to_json_best_effort()))
     return json.dumps({k: v for k, v in flat.items() if k not in JOINABLE}, sort_keys=True)
 
 
@@ -169,21 +163,3 @@ def member_eval_step(states: Any, batch: dict, *, step: Callable, axis_name: str
     with choice.members(width):
         sums = _blocks(lambda state: step(state, batch, axis_name=axis_name, **kwargs), states, width)
     return _gathered(sums, states.step.shape[0], member_axis)
-
-
-@jax.jit
-def _take(states: Any, index: jax.Array) -> Any:
-    return jax.tree.map(lambda x: x[index], states)
-
-
-def take(states: Any, index: int, shardings: Any = None) -> Any:
-    """Member `index` of a members' state (one compiled program for every index), placed as `shardings` say (one
-    member's shardings on the run's mesh; None: where jit puts it)."""
-    member = _take(states, jnp.int32(index))
-    return member if shardings is None else jax.device_put(member, shardings)
-
-
-def stack(members: Sequence[Any], shardings: Any = None) -> Any:
-    """Members' states stacked on a leading axis, placed as `shardings` say."""
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *members)
-    return stacked if shardings is None else jax.device_put(stacked, shardings)

@@ -32,7 +32,7 @@ from gconv.collectives import DATA, MEMBER, MODEL, GroupSplit
 
 __all__ = ["DATA", "MODEL", "MEMBER", "make_mesh", "replicated", "shard_batch", "shard_step", "pmap_data_parallel",
            "group_parallel_rules", "partition_specs", "shard_state", "check_batch_divides", "input_shard",
-           "place_rows", "compile_steps", "split_of", "member_block", "member_specs", "members_of", "split_norm"]
+           "place_rows", "compile_steps", "split_of", "member_block", "member_specs", "split_norm"]
 
 
 def make_mesh(mesh_config: Any, devices: list | None = None) -> Mesh:
@@ -69,11 +69,6 @@ def make_mesh(mesh_config: Any, devices: list | None = None) -> Mesh:
     return Mesh(grid, (MEMBER, DATA, MODEL))
 
 
-def members_of(mesh: Mesh) -> int:
-    """The size of the mesh's `member` axis (1 without one)."""
-    return mesh.shape.get(MEMBER, 1)
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -99,8 +94,10 @@ def shard_step(step: Callable, mesh: Mesh, state_specs: Any = P(), *, returns_st
     The batch is split over `data`; the state is replicated (`state_specs=P()`, data parallel) or split over
     `model` as `state_specs` says (group parallel, see `partition_specs`; the step's model must then be built with
     `group_split=GroupSplit(MODEL, mesh.shape[MODEL])`). `step` reduces over `axis_name` itself (`pmean` of
-    gradients and metrics, `psum` of evaluation counts), so its other outputs are replicated. (Under group
-    parallel, `train_step` needs `grad_norm=split_norm(...)` for an exact `grad_norm` metric; see `split_norm`.)
+    gradients and metrics, `psum` of evaluation counts), so its other outputs are replicated. `shard_map`'s
+    replication checks are on (`check_vma`): an output declared replicated that could differ between devices (BN
+    statistics without `axis_name`, a group-parallel `grad_norm` without `split_norm`) is refused when the step is
+    traced, before it runs.
     """
     out_specs = (state_specs, P()) if returns_state else P()
     mapped = jax.shard_map(functools.partial(step, axis_name=DATA), mesh=mesh, in_specs=(state_specs, batch_spec),
@@ -191,12 +188,13 @@ def member_block(mesh: Mesh, count: int) -> range:
     return range(mine[0] * per, (mine[-1] + 1) * per)
 
 
-def member_specs(specs: Any) -> Any:
+def member_specs(specs: Any, mesh: Mesh) -> Any:
     """Partition specs of a members' state (a leading member axis) from one member's: the member axis split over
-    the mesh's `member` axis."""
+    the mesh's `member` axis, or not split (every device holds every member) on a mesh without one."""
+    lead = MEMBER if MEMBER in mesh.axis_names else None
     if isinstance(specs, P):
-        return P(MEMBER, *specs)
-    return jax.tree.map(lambda s: P(MEMBER, *s), specs, is_leaf=lambda x: isinstance(x, P))
+        return P(lead, *specs)
+    return jax.tree.map(lambda s: P(lead, *s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def split_norm(param_specs: Any, axis: str = MODEL) -> Callable[[Any], jax.Array]:
@@ -236,8 +234,7 @@ def compile_steps(train_step: Callable, eval_step: Callable, mesh: Mesh, state_s
         return pmap_data_parallel(train_step), jax.jit(eval_step), (lambda b: b), (lambda b: b)
     batch_spec = P(DATA)
     if members:
-        state_specs = member_specs(state_specs) if MEMBER in mesh.axis_names else jax.tree.map(
-            lambda s: P(None, *s), state_specs, is_leaf=lambda x: isinstance(x, P))
+        state_specs = member_specs(state_specs, mesh)
         batch_spec = P(MEMBER if MEMBER in mesh.axis_names else None, DATA)
     return (shard_step(train_step, mesh, state_specs, batch_spec=batch_spec),
             shard_step(eval_step, mesh, state_specs, returns_state=False, donate=False),

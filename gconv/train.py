@@ -281,8 +281,7 @@ def _train(runs: list[_Run]) -> list[dict[str, Any]]:
         named = lambda tree: jax.tree.map(lambda p: NamedSharding(mesh, p), tree,  # noqa: E731
                                           is_leaf=lambda x: isinstance(x, P))
         one = named(specs)
-        stacked = named(parallel.member_specs(specs) if member_axis else jax.tree.map(
-            lambda p: P(None, *p), specs, is_leaf=lambda x: isinstance(x, P)))
+        stacked = named(parallel.member_specs(specs, mesh))
     seeds = [run.config.seed for run in runs] if joined else config.seed
     state = create_train_state(model, tx, info.image_shape, seeds, stacked if joined else one)
     take = jax.jit(lambda states, i: jax.tree.map(lambda x: x[i], states), out_shardings=one)

@@ -245,23 +245,33 @@ def test_a_group_with_a_busy_member_is_refused_before_anything_is_written(cli, c
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["lock.json", "lr05_seed0", "lr05_seed1"]
 
 
-@pytest.mark.slow
-def test_sigterm_to_a_group_then_resume_equals_the_uninterrupted_group(experiment, tmp_path):
-    from conftest import launch, launch_here, start, wait_until, has_content
+def test_sigterm_saves_every_member_and_the_relaunch_equals_the_uninterrupted_group(cli, capsys, experiment,
+                                                                                    straight_group, tmp_path,
+                                                                                    monkeypatch):
+    """SIGTERM (here sent by the process to itself after step 3, through the loop's own handler) saves every
+    member's checkpoint at that step, exits 143, and the relaunch ends with the uninterrupted group's metrics."""
+    import os
 
-    args = ["--config", experiment, *GROUP, "--config.num_steps=30", "--config.checkpoint_every_steps=5",
-            "--config.log_every_steps=4", "--config.eval_every_steps=15"]
-    launch_here(*args, "--workdir", str(tmp_path / "straight"))
-    proc = start(*args, "--workdir", str(tmp_path / "stopped"))
-    wait_until(lambda: has_content(tmp_path / "stopped" / "lr05_seed1" / "metrics.jsonl"), proc, "the first metrics")
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and "and its 1 other member(s)" in out, out
-    assert not (tmp_path / "stopped" / "lr05_seed0" / "summary.json").exists(), "finished before the signal"
-    launch(*args, "--workdir", str(tmp_path / "stopped"))
+    from gconv import preemption
+
+    poll = preemption.StopFlag.poll
+
+    def signalled_at_step_3(self, step):
+        if step == 3 and self.signum is None:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return poll(self, step)
+
+    monkeypatch.setattr(preemption.StopFlag, "poll", signalled_at_step_3)
+    assert cli("--config", experiment, *GROUP, "--workdir", str(tmp_path)) == 143
+    out = capsys.readouterr().out
+    assert "SIGTERM: saved checkpoint at step 3" in out and "and its 1 other member(s)" in out, out
     for name in ("lr05_seed0", "lr05_seed1"):
-        assert strip_timing(read_metrics(tmp_path / "stopped" / name / "metrics.jsonl")) == \
-            strip_timing(read_metrics(tmp_path / "straight" / name / "metrics.jsonl"))
+        assert checkpoint_steps(tmp_path / name) == [2, 3] and not (tmp_path / name / "summary.json").exists()
+    monkeypatch.setattr(preemption.StopFlag, "poll", poll)
+    assert cli("--config", experiment, *GROUP, "--workdir", str(tmp_path)) == 0
+    for name in ("lr05_seed0", "lr05_seed1"):
+        assert strip_timing(read_metrics(tmp_path / name / "metrics.jsonl")) == \
+            strip_timing(read_metrics(straight_group / name / "metrics.jsonl"))
 
 
 def test_a_members_nan_stops_that_member_and_the_others_finish(cli, capsys, experiment, tmp_path):
@@ -279,10 +289,10 @@ def test_a_members_nan_stops_that_member_and_the_others_finish(cli, capsys, expe
 
 
 def test_members_spread_over_devices_equal_members_on_one(cli, experiment, sequential, tmp_path):
-    """`mesh.member=2` on 8 devices: each block of 4 devices holds 2 of the 4 members (data parallel inside it)."""
-    assert cli("--config", experiment, "--workdir", str(tmp_path), "--skip_analysis", "--config.mesh.member=2",
+    """`mesh.member=2` on 8 devices: each block of 4 devices holds one of lr05's 2 members (data parallel inside)."""
+    assert cli("--config", experiment, "--workdir", str(tmp_path), *GROUP, "--config.mesh.member=2",
                "--config.mesh.data=4") == 0
-    _assert_equal_to_sequential(tmp_path, sequential)
+    _assert_equal_to_sequential(tmp_path, sequential, names=["lr05_seed0", "lr05_seed1"])
 
 
 def test_grad_norm_is_exact_under_group_parallel():
