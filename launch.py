@@ -37,6 +37,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     parser.add_argument("--coordinator_address", help="HOST:PORT of process 0 (default: $JAX_COORDINATOR_ADDRESS)")
     parser.add_argument("--num_processes", help="number of processes (default: $JAX_NUM_PROCESSES)")
     parser.add_argument("--process_id", help="this process's index, 0..num_processes-1 (default: $JAX_PROCESS_ID)")
+    parser.add_argument("--takeover", action="store_true",
+                        help="take the run directory's lock from a holder whose host is gone (its heartbeat has not "
+                             "yet aged 10 min); prints who held it")
     parser.add_argument("--skip_analysis", action="store_true",
                         help="train/report: write the report without analysing each run's filters (faster)")
     parser.add_argument("--debug", action="store_true",
@@ -114,7 +117,8 @@ def main(argv: list[str]) -> int:
         print(f"== {names[0]} -> {workdir / names[0]}" if len(names) == 1 else
               f"== {', '.join(names)} -> {workdir}/ (one program, {len(names)} members)", flush=True)
         try:
-            train_members([point_config for _, point_config in group], [workdir / point for point in names])
+            train_members([point_config for _, point_config in group], [workdir / point for point in names],
+                          takeover=args.takeover)
         except Stopped as e:  # preempted (SIGTERM: 143) or interrupted (SIGINT: 130) after saving
             print(e, flush=True)
             return 128 + e.signum
@@ -224,9 +228,10 @@ def _leave_together(message: str, code: int) -> None:
     collectives in turn, instead of leaving them to a heartbeat timeout.
     """
     import jax
-    from jax._src import distributed
 
-    me, client = jax.process_index(), distributed.global_state.client
+    from gconv import coordination
+
+    me, client = jax.process_index(), coordination.client()
     failed, coordinator_gone = {}, False
     try:
         failed = {int(k.rsplit("/", 1)[1]): v for k, v in client.key_value_dir_get("gconv/failed/")}

@@ -1,6 +1,7 @@
 """Mutation score of the test suite on hand-made mutants: each mutant changes one promise of gconv (a shuffle order,
 BN synchronisation, the weight-decay mask, the resumed input position, a shard index, torn-file handling, the
-kept best checkpoint) and is killed when a test of its area fails.
+kept best checkpoint, the run lock's conditional create, each member's own hyperparameters, a sharding rule) and is
+killed when a test of its area fails.
 
     python bench/mutation.py [--repo PATH] [--only NAME] [--json OUT]
 
@@ -33,8 +34,14 @@ MUTANTS = [
      ["tests/test_parallel.py", "tests/test_data.py", "tests/test_multiprocess.py"]),
     ("jsonl mid-file damage", "if i == len(lines) - 1:", "if True:",
      ["tests/test_train.py", "tests/test_faults.py"]),
-    ("best checkpoint", 'get_metric_fn=lambda m: -m["eval_top1_error"]', 'get_metric_fn=lambda m: m["eval_top1_error"]',
+    ("best checkpoint", "key=lambda step: (errors[step], -step)", "key=lambda step: (-errors[step], -step)",
      ["tests/test_train.py", "tests/test_faults.py"]),
+    ("lock create", "self.store.write(self.name, data, if_equal=generation)", "self.store.write(self.name, data)",
+     ["tests/test_runlock.py"]),
+    ("member hyperparameters", "np.asarray([c.optim[k] for c in configs], np.float32)",
+     "np.asarray([configs[0].optim[k] for c in configs], np.float32)", ["tests/test_members.py"]),
+    ("sharding rule", '(r"bn_(reduce|group)/", (MODEL,)),', '(r"bn_(reduce|group)/", ()),',
+     ["tests/test_parallel.py", "tests/test_members.py"]),
 ]
 
 

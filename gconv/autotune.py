@@ -116,9 +116,9 @@ def _shared(key: str, choose: Callable[[], str]) -> str:
     """`choose()` on process 0, published to the others; on the others, process 0's choice, waited for."""
     if jax.process_count() == 1:
         return choose()
-    from jax._src import distributed
+    from gconv.coordination import client as coordination_client
 
-    client = distributed.global_state.client
+    client = coordination_client()
     name = "gconv/lowering/" + hashlib.sha256(key.encode()).hexdigest()
     if jax.process_index() == 0:
         choice = choose()

@@ -3,15 +3,15 @@ aside), one restored on a single host, orbax's keep policy (newest N and the bes
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from etils import epath
 
 from gconv.storage import RunDirError, exists, move_tree
 from gconv.watchdog import watch
 
-__all__ = ["readable_checkpoint_steps", "restore_newest_readable", "restore_on_host", "checkpoint_options",
-           "choose_checkpoint"]
+__all__ = ["readable_checkpoint_steps", "restore_newest_readable", "restore_on_host", "best_step",
+           "checkpoint_options", "choose_checkpoint"]
 
 
 def readable_checkpoint_steps(ckpt_dir: epath.Path) -> list[int]:
@@ -41,7 +41,8 @@ class _ClosedLoopFilter:
 
 
 def _quiet_closed_loops() -> None:
-    """Installs `_ClosedLoopFilter`, for good: the late callbacks come after the restore has returned."""
+    """Installs `_ClosedLoopFilter` once a restore has failed (before that there is nothing to filter), for the
+    rest of the process: the late callbacks come after the restore has returned."""
     if not isinstance(sys.unraisablehook, _ClosedLoopFilter):
         sys.unraisablehook = _ClosedLoopFilter(sys.unraisablehook)
 
@@ -56,12 +57,12 @@ def restore_newest_readable(ckpt_dir: epath.Path, restore: Callable[[int], Any],
     """
     steps = list(steps) if steps is not None else readable_checkpoint_steps(ckpt_dir)
     failures = []
-    _quiet_closed_loops()
     for step in sorted(steps, reverse=True):
         try:
             with watch("restore checkpoint", ckpt_dir / str(step)):
                 return step, restore(step)
         except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint; all mean "unreadable"
+            _quiet_closed_loops()
             reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
             failures.append(step)
             where = ""
@@ -91,16 +92,28 @@ def restore_on_host(item_dir: epath.Path) -> Any:
     return checkpointer.restore(item_dir, jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree))
 
 
+def best_step(errors: Mapping[int, float]) -> int | None:
+    """The best of a run's evaluated steps (`{step: eval top-1 error}`): the lowest error, the latest of ties;
+    None without any. What orbax keeps, `--checkpoint best` and the summary's `best_step` all ask this."""
+    return min(errors, key=lambda step: (errors[step], -step)) if errors else None
+
+
+class _KeepBest:
+    """Orbax's preservation policy keeping the checkpoint `best_step` names among those saved at an evaluation."""
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any = None) -> list[bool]:
+        best = best_step({c.step: c.metrics["eval_top1_error"] for c in checkpoints if c.metrics})
+        return [c.step == best for c in checkpoints]
+
+
 def checkpoint_options(keep: int):
-    """Orbax options keeping the newest `keep` checkpoints and, besides them, the one with the lowest eval top-1
-    error (checkpoints saved at an evaluation carry it as their metric)."""
+    """Orbax options keeping the newest `keep` checkpoints and, besides them, the best (`best_step`; checkpoints
+    saved at an evaluation carry their eval top-1 error as their metric)."""
     import orbax.checkpoint as ocp
     from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
-    best = policies.BestN(get_metric_fn=lambda m: -m["eval_top1_error"], n=1,  # keeps the n largest: -error
-                          keep_checkpoints_without_metrics=False)
     return ocp.CheckpointManagerOptions(create=True, preservation_policy=policies.AnyPreservationPolicy(
-        [policies.LatestN(n=keep), best]))
+        [policies.LatestN(n=keep), _KeepBest()]))
 
 
 def choose_checkpoint(run_dir: epath.Path, which: str = "latest") -> int:
@@ -118,7 +131,7 @@ def choose_checkpoint(run_dir: epath.Path, which: str = "latest") -> int:
                   if r.get("eval_top1_error") is not None and r["step"] in steps}
         if not errors:
             raise FileNotFoundError(f"{run_dir}: no checkpoint was saved at an evaluation; use --checkpoint latest.")
-        return min(errors, key=lambda step: (errors[step], -step))
+        return best_step(errors)
     if not which.isdigit() or int(which) not in steps:
         raise ValueError(f"checkpoint {which!r} is not in {run_dir}: use latest, best or one of the steps {steps}.")
     return int(which)

@@ -6,6 +6,7 @@ from typing import Any
 import numpy as np
 
 from gconv import storage
+from gconv.checkpoints import best_step
 from gconv.complexity import count_params, counts
 from gconv.models import family_of
 
@@ -27,7 +28,7 @@ def run_summary(run_dir: Any, model: Any, config: Any, image_shape: tuple[int, .
         "params": count_params(params), "mmacs": cost.macs / 1e6, "acts": cost.acts,
         "design_space": config.get("design_space") or None,
         "final_top1_error": evals[max(evals)] if evals else None, "best_top1_error": min(evals.values(), default=None),
-        "best_step": min(evals, key=lambda k: (evals[k], -k)) if evals else None,
+        "best_step": best_step(evals),
         "img_per_sec": float(np.median(throughput)) if throughput else previous.get("img_per_sec"),
         "wall_time": max((r.get("wall_time") or 0.0 for r in history), default=0.0),
         "paper_top1_error": config.get("paper_top1_error"), "paper_top5_error": config.get("paper_top5_error"),

@@ -173,11 +173,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> dict[
     return train_members([config], [workdir])[0]
 
 
-def train_members(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[Any]) -> list[dict[str, Any]]:
+def train_members(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[Any],
+                  takeover: bool = False) -> list[dict[str, Any]]:
     """Trains K runs that build the same shapes (`gconv.members.group_runs`) as one program, each in its own run
     directory, as `train_and_evaluate` trains one: the K states stacked and the steps `vmap`ped over them (K = 1:
     one run, no member axis). Returns the K summaries. A member whose loss turns non-finite stops (its last good
-    checkpoint kept) while the others go on; the first such failure is raised once they have finished."""
+    checkpoint kept) while the others go on; the first such failure is raised once they have finished.
+    `takeover`: take the run directories' locks even from holders that look alive (their host is gone)."""
     for config in configs:
         preflight(config)
     watchdog.set_limit(configs[0].get("storage_timeout_s", watchdog.DEFAULT_LIMIT))
@@ -189,9 +191,10 @@ def train_members(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequen
     for run in runs:
         check_config(run.run_dir, run.config_json)
     with contextlib.ExitStack() as locks:
-        if jax.process_index() == 0:
+        if jax.process_index() == 0:  # the writer: the others train and read
             for run in runs:
-                run.lock = locks.enter_context(runlock.RunLock(run.run_dir))
+                run.lock = runlock.RunLock(run.run_dir).acquire(takeover)
+                locks.callback(run.lock.release)
         return _train(runs)
 
 
@@ -256,7 +259,7 @@ def _restore(runs: list[_Run], state: TrainState, take: Callable, stack: Callabl
 def _train(runs: list[_Run]) -> list[dict[str, Any]]:
     config, count = runs[0].config, len(runs)  # everything but JOINABLE keys is the same for every member
     joined = count > 1
-    is_main = runs[0].lock is not None
+    is_main = jax.process_index() == 0  # writes config, metrics, checkpoints' side files, summaries
     # Data.
     train_source, info = data_lib.get_source(config.data, "train")
     eval_source, _ = data_lib.get_source(config.data, "eval")

@@ -19,12 +19,13 @@ import threading
 import time
 from typing import Iterator
 
-__all__ = ["EXIT_CODE", "DEFAULT_LIMIT", "set_limit", "limit", "watch"]
+__all__ = ["EXIT_CODE", "DEFAULT_LIMIT", "set_limit", "limit", "watch", "hold", "release"]
 
 EXIT_CODE = 75
 DEFAULT_LIMIT = 300.0
 
 _state = {"limit": DEFAULT_LIMIT, "thread": None}
+_held: set[str] = set()  # run locks this process holds: a stop cannot release them
 _active: dict[int, tuple[str, str, float]] = {}
 _lock = threading.Lock()
 _ids = itertools.count()
@@ -67,6 +68,15 @@ def watch(operation: str, path: object) -> Iterator[None]:
             _active.pop(key, None)
 
 
+def hold(lock: object) -> None:
+    """Notes a run lock this process holds, for the stop line to name (it stays on the store after a stop)."""
+    _held.add(os.fspath(lock) if hasattr(lock, "__fspath__") else str(lock))
+
+
+def release(lock: object) -> None:
+    _held.discard(os.fspath(lock) if hasattr(lock, "__fspath__") else str(lock))
+
+
 def _start_thread() -> None:
     with _lock:
         if _state["thread"] is None:
@@ -88,7 +98,14 @@ def _run() -> None:
 def _stop(operation: str, path: str, waited: float) -> None:
     print(f"error: storage stalled: {operation} {path} got no answer in {waited:.0f} s (storage_timeout_s="
           f"{limit():g}). The run stopped; what it wrote before is kept: relaunch the same command to resume once "
-          f"the store answers.", file=sys.stderr, flush=True)
+          f"the store answers{_lock_note()}.", file=sys.stderr, flush=True)
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     os._exit(EXIT_CODE)
+
+
+def _lock_note() -> str:
+    if not _held:
+        return ""
+    return (f" (the run lock {', '.join(sorted(_held))} could not be released: a relaunch on this host takes it "
+            f"back; from another host, add --takeover)")

@@ -27,15 +27,51 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import importlib.util  # noqa: E402
+import secrets  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+SEED_ENV = "GCONV_TEST_SEED"
+
+
+def tiered(values, fast) -> list:
+    """`values` as `parametrize` cases: those in `fast` run in the fast tier (the README's test command), the others
+    are marked slow; CI runs both tiers, so every case still runs there."""
+    return [pytest.param(v, marks=() if v in fast else pytest.mark.slow) for v in values]
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A seed drawn fresh for each test (fresh random inputs every run), or `$GCONV_TEST_SEED`; a failing test
+    prints the command that replays it with the same seed."""
+    value = int(os.environ[SEED_ENV]) if os.environ.get(SEED_ENV) else secrets.randbits(31)
+    request.node.gconv_seed = value
+    return value
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    """numpy's generator from `seed`."""
+    return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    value = getattr(item, "gconv_seed", None)
+    if value is not None and report.failed:
+        line = f"drawn with seed {value}; replay: {SEED_ENV}={value} python -m pytest '{item.nodeid}'"
+        report.sections.append(("replay", line))
+        if hasattr(report.longrepr, "addsection"):
+            report.longrepr.addsection("replay", line)
+    return report
 
 
 def launch_module():

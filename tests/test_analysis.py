@@ -124,11 +124,10 @@ def _linear_variables(kernel_b, c=16):
                              "bias": jnp.zeros(c)}}}
 
 
-def test_independent_groups_give_the_known_block_diagonal_matrix():
+def test_independent_groups_give_the_known_block_diagonal_matrix(rng):
     """a = x (identity), b = each group's channels mixed by its own random block: corr(a_i, b_j) is W[i, j] / ||W[:, j]||
     inside the blocks and exactly 0 outside (the input channels are orthogonal)."""
     c, groups = 16, 4
-    rng = np.random.default_rng()
     blocks = [rng.normal(size=(c // groups, c // groups)) for _ in range(groups)]
     x = _orthogonal_channels(c=c)
     corr, score, got_groups = analysis.filter_correlation(Linear(groups), _linear_variables(np.hstack(blocks)), x,
@@ -144,10 +143,10 @@ def test_independent_groups_give_the_known_block_diagonal_matrix():
     assert scores["inside"] == pytest.approx(expected[expected > 0].sum() / (groups * 16), abs=1e-5)
 
 
-def test_dense_network_has_no_block_structure():
+def test_dense_network_has_no_block_structure(rng):
     """b dense with ±1 weights: every |corr(a_i, b_j)| is exactly 1/sqrt(C), so the score is chance."""
     c = 16
-    signs = np.random.default_rng().choice([-1.0, 1.0], size=(c, c))
+    signs = rng.choice([-1.0, 1.0], size=(c, c))
     corr, _, groups = analysis.filter_correlation(Linear(1), _linear_variables(signs), _orthogonal_channels(c=c),
                                                   "a", "b")
     np.testing.assert_allclose(corr, np.full((c, c), 1 / np.sqrt(c)), atol=1e-5)  # error model as above
@@ -156,8 +155,8 @@ def test_dense_network_has_no_block_structure():
     assert scores["score"] == pytest.approx(0.5, abs=1e-5) and scores["inside"] == pytest.approx(scores["outside"])
 
 
-def test_smaller_map_is_upsampled_nearest_neighbour():
-    x = jax.random.normal(jax.random.PRNGKey(np.random.SeedSequence().entropy % 2**31), (8, 6, 6, 8))
+def test_smaller_map_is_upsampled_nearest_neighbour(seed):
+    x = jax.random.normal(jax.random.PRNGKey(seed), (8, 6, 6, 8))
     model = Linear(2, stride=2)
     variables = model.init(jax.random.PRNGKey(1), x)
     corr, _, _ = analysis.filter_correlation(model, variables, x, "a", "b")
@@ -168,8 +167,7 @@ def test_smaller_map_is_upsampled_nearest_neighbour():
     np.testing.assert_allclose(corr, np.abs(np.corrcoef(a.T, b.T)[:8, 8:]), atol=1e-9)
 
 
-def test_colour_scores_of_hand_made_kernels():
-    rng = np.random.default_rng()
+def test_colour_scores_of_hand_made_kernels(rng):
     pattern = rng.normal(size=(5, 5))
     grey = np.repeat(pattern[:, :, None], 3, axis=2)
     red = np.stack([pattern, 0 * pattern, 0 * pattern], axis=2)

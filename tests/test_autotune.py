@@ -37,8 +37,8 @@ def _case(seed):
 
 
 @pytest.mark.parametrize("name", ["depthwise", "grouped_1x1", "grouped_3x3"])
-def test_measured_choice_equals_reference_values_and_gradients(measuring, name):
-    x, cases = _case(np.random.SeedSequence().entropy % 2**32)
+def test_measured_choice_equals_reference_values_and_gradients(measuring, name, seed):
+    x, cases = _case(seed)
     k, groups = cases[name]
     kw = dict(strides=2, precision=lax.Precision.HIGHEST)
     loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k, groups, **kw)))  # noqa: E731
@@ -129,6 +129,7 @@ def test_tiny_convs_take_the_static_rule(monkeypatch):
     assert autotune.measurements() == []
 
 
+@pytest.mark.slow
 def test_a_resumed_run_lowers_as_the_run_it_resumes(cli, measuring, monkeypatch, tmp_path):
     """A run records its measured choices in `lowerings.json`. Resumed after the disk cache changed (here: every
     entry turned to another candidate), it compiles with its recorded choices, so `lowerings.json` stays as it

@@ -89,6 +89,7 @@ def test_pth_is_read_without_unpickling_code(tmp_path):
         read_state_dict(tmp_path / "evil.pth")
 
 
+@pytest.mark.slow
 def test_training_starts_from_converted_weights(cli, capsys, tmp_path):
     import ml_collections
 
@@ -108,6 +109,7 @@ def test_training_starts_from_converted_weights(cli, capsys, tmp_path):
     assert "has no classifier 'output.weight'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_command_scores_a_weights_file_on_a_dataset(cli, capsys):
     """`launch.py eval FILE --model NAME`: the converted model on the experiment's data (TFDS mock imagenette at
     64x64), scored against a plain loop over the same batches."""

@@ -37,9 +37,9 @@ def test_train_batches_are_a_function_of_seed_and_step():
 
 
 @pytest.mark.parametrize("processes", [2, 4])
-def test_each_process_reads_its_rows_of_the_one_process_batch(processes):
+def test_each_process_reads_its_rows_of_the_one_process_batch(processes, rng):
     source, info = data.get_source(_cfg(), "train")
-    seed, start = int(np.random.default_rng().integers(100)), 20  # batches 20-24 cross an epoch boundary
+    seed, start = int(rng.integers(100)), 20  # batches 20-24 cross an epoch boundary
     whole = data.train_batches(source, info, 64, seed=seed, start_step=start)
     parts = [data.train_batches(source, info, 64, seed=seed, start_step=start, shard_index=p,
                                 shard_count=processes, num_workers=1) for p in range(processes)]

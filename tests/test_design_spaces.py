@@ -64,8 +64,7 @@ def test_regnet_widths_follow_the_quantized_linear_rule():
     assert all(w % 8 == 0 for w in widths)
 
 
-def test_compatibility_makes_group_width_divide_the_bottleneck():
-    rng = np.random.default_rng()  # fresh draws each run
+def test_compatibility_makes_group_width_divide_the_bottleneck(rng):
     for _ in range(200):
         widths = list(rng.integers(8, 1024, size=4))
         bottleneck = [float(rng.choice([0.25, 0.5, 1.0, 2.0, 4.0])) for _ in widths]
@@ -77,10 +76,9 @@ def test_compatibility_makes_group_width_divide_the_bottleneck():
         create_model("anynet", **dict(_resnet50_as_anynet(0.25, (24, 128, 256, 512)))).stage_shapes()
 
 
-def test_closed_form_complexity_equals_the_built_models_counts():
+def test_closed_form_complexity_equals_the_built_models_counts(rng):
     space = designspace.DesignSpace("any", depth=(2, 8), w0=(8, 48), wa=(4, 32), group_widths=(0, 1, 4, 8),
                                     bottlenecks=(1.0, 0.5))
-    rng = np.random.default_rng()
     for _ in range(4):
         _, fields = designspace.draw(space, rng)
         got = counts(create_model("anynet", **fields, num_classes=10), (32, 32, 3), convention="pycls")
@@ -108,10 +106,9 @@ def test_samples_are_seeded_inside_the_regime_with_their_acceptance_rate():
         designspace.sample(space, 1, designspace.Regime(macs=(1, 2)), max_draws=50)
 
 
-def test_edf_against_its_closed_form():
+def test_edf_against_its_closed_form(rng):
     """At the sorted sample points the EDF is i/n; for uniform(0, 1) samples it stays within the DKW bound
     sqrt(log(2/alpha) / 2n) of F(x) = x (alpha = 1e-6: fails once in a million runs)."""
-    rng = np.random.default_rng()
     values = rng.uniform(size=2000)
     np.testing.assert_array_equal(designspace.edf(values, np.sort(values)), np.arange(1, 2001) / 2000)
     grid = np.linspace(0, 1, 501)
@@ -119,13 +116,12 @@ def test_edf_against_its_closed_form():
     assert designspace.edf([3.0, 1.0, 2.0, 2.0], [0.5, 1.0, 2.0, 2.5, 3.0]).tolist() == [0, 0.25, 0.75, 0.75, 1.0]
 
 
-def test_bootstrap_interval_against_the_normal_closed_form():
+def test_bootstrap_interval_against_the_normal_closed_form(rng):
     """For normal errors the bootstrap interval of mean(b) - mean(a) is delta +- 1.96 sqrt(s_a^2/n_a + s_b^2/n_b).
     Error model of the bound: both use the same sample's variances, so what separates them is the Monte Carlo
     error of the 2.5%/97.5% quantiles of 10,000 resamples, sqrt(p (1-p) / R) / phi(1.96) = 0.027 standard errors
     each, and the normal approximation to the mean of 400 normal draws (exact up to the n vs n-1 of the variance,
     0.1%): 0.15 standard errors is 5.5 times the Monte Carlo error."""
-    rng = np.random.default_rng()
     a, b = rng.normal(10.0, 2.0, size=400), rng.normal(10.5, 3.0, size=400)
     delta, low, high = designspace.bootstrap_difference(a, b)
     assert delta == pytest.approx(b.mean() - a.mean(), abs=1e-12)
@@ -135,6 +131,7 @@ def test_bootstrap_interval_against_the_normal_closed_form():
         designspace.bootstrap_difference([1.0], [2.0, 3.0])
 
 
+@pytest.mark.slow
 def test_local_design_space_experiment_reports_edfs_and_a_bootstrap_verdict(cli, tmp_path):
     """`experiments/design_space.py:local` (two of the four models of each space, a few steps each here): every
     sampled model trains as a sweep point of its design space, and the report compares the spaces."""

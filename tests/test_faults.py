@@ -4,9 +4,10 @@ import json
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from gconv.metrics_log import read_metrics
@@ -57,11 +58,11 @@ def test_debug_shows_the_traceback_of_an_error_in_a_users_own_experiment(cli, tm
     assert not (tmp_path / "w").exists()
 
 
-def test_unknown_variant_and_unreadable_init_from(cli, tmp_path, capsys):
+def test_unknown_variant_and_unreadable_init_from(cli, tmp_path, capsys, rng):
     assert cli("--config", "experiments/default.py:loacl", "--workdir", str(tmp_path / "w")) == 2
     assert "no variant 'loacl'" in capsys.readouterr().err and not (tmp_path / "w").exists()
     junk = tmp_path / "junk.safetensors"
-    junk.write_bytes(np.random.default_rng().bytes(4096))
+    junk.write_bytes(rng.bytes(4096))
     assert cli(*TINY, "--workdir", str(tmp_path / "w"), f"--config.init_from={junk}") == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "init_from=" in err and "cannot be read" in err and not (tmp_path / "w").exists()
@@ -115,6 +116,32 @@ def test_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(cli, tmp_path,
     out = capsys.readouterr().out
     assert sum(line.startswith("warning: checkpoint") for line in out.splitlines()) == 1
     assert "block-diagonality" in out and "Traceback" not in out
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_the_fallback_stays_quiet_under_load(cli, tmp_path, capsys, trained_tiny):
+    """The relaunch onto a damaged newest checkpoint, 10 times with both cores busy (two spinning processes beside
+    it, so orbax's and tensorstore's threads are scheduled late): each exits 0 with one warning line, no
+    traceback, and the uninterrupted run's metrics."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for i in range(10):
+            shutil.copytree(trained_tiny, tmp_path / str(i))
+            run = tmp_path / str(i) / "c2"
+            bad = _corrupt_newest(run)
+            (run / "summary.json").unlink()
+            assert cli(*TINY, *TRAINED_TINY, "--workdir", str(tmp_path / str(i))) == 0
+            out, err = capsys.readouterr()
+            warnings = [line for line in out.splitlines() if line.startswith("warning: checkpoint")]
+            assert len(warnings) == 1 and f"step {bad}" in warnings[0], (i, out)
+            assert "Traceback" not in out + err and "exception was never retrieved" not in out + err, (i, out, err)
+            assert strip_timing(read_metrics(run / "metrics.jsonl")) == \
+                strip_timing(read_metrics(trained_tiny / "c2/metrics.jsonl"))
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
 
 
 @pytest.mark.slow

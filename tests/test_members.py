@@ -95,11 +95,10 @@ def _stacked(rng, shape):
 
 @pytest.mark.parametrize("impl", list(LOWERINGS) + ["auto"])
 @pytest.mark.parametrize("per_member", [False, True], ids=["batching_rule", "per_member"])
-def test_every_lowering_stays_correct_over_members(impl, per_member, monkeypatch):
+def test_every_lowering_stays_correct_over_members(impl, per_member, monkeypatch, rng):
     """K members' convs under `vmap` (each its own input and kernel): through JAX's batching rule (one conv of K x
     the groups) and through gconv's per-member rule, forward and both gradients equal each member's reference."""
     monkeypatch.setattr(choice, "member_loop", lambda: per_member)
-    rng = np.random.default_rng(np.random.SeedSequence().entropy)  # fresh inputs each run
     window, groups, c_in = ((1, 1), 4, 8) if impl == "dot" else ((3, 3), 8 if impl == "shift" else 4, 8)
     x, k = _stacked(rng, (2, 6, 6, c_in)), _stacked(rng, window + (c_in // groups, 8))
     kw = dict(strides=2 if impl != "dot" else 1, precision=lax.Precision.HIGHEST)
@@ -168,6 +167,7 @@ def _assert_equal_to_sequential(joined, sequential, names=NAMES):
         assert abs(ea - eb) <= 100 / EVAL_EXAMPLES + 1e-9, (name, ea, eb)
 
 
+@pytest.mark.slow
 def test_members_equal_their_sequential_runs_and_keep_their_own_directories(cli, capsys, experiment, sequential,
                                                                             tmp_path):
     assert cli("--config", experiment, "--workdir", str(tmp_path), "--skip_analysis") == 0
@@ -202,6 +202,7 @@ def straight_group(experiment, tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["save_cut_short", "unreadable"])
 def test_a_group_resumes_at_the_newest_step_every_member_has_exactly(cli, capsys, experiment, straight_group,
                                                                      tmp_path, damage):
@@ -245,6 +246,7 @@ def test_a_group_with_a_busy_member_is_refused_before_anything_is_written(cli, c
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["lock.json", "lr05_seed0", "lr05_seed1"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_every_member_and_the_relaunch_equals_the_uninterrupted_group(cli, capsys, experiment,
                                                                                     straight_group, tmp_path,
                                                                                     monkeypatch):
@@ -288,6 +290,7 @@ def test_a_members_nan_stops_that_member_and_the_others_finish(cli, capsys, expe
     assert checkpoint_steps(tmp_path / "w" / "lr05") == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_members_spread_over_devices_equal_members_on_one(cli, experiment, sequential, tmp_path):
     """`mesh.member=2` on 8 devices: each block of 4 devices holds one of lr05's 2 members (data parallel inside)."""
     assert cli("--config", experiment, "--workdir", str(tmp_path), *GROUP, "--config.mesh.member=2",
@@ -295,13 +298,12 @@ def test_members_spread_over_devices_equal_members_on_one(cli, experiment, seque
     _assert_equal_to_sequential(tmp_path, sequential, names=["lr05_seed0", "lr05_seed1"])
 
 
-def test_grad_norm_is_exact_under_group_parallel():
+def test_grad_norm_is_exact_under_group_parallel(rng):
     """`split_norm` sums every device's shard of the split parameters: the norm of the whole model's gradient."""
     model = create_model("resnext11_8x4d", num_classes=10, stage_sizes=(1, 1, 1))
     specs = parallel.partition_specs(train.abstract_train_state(model, train.create_optimizer(
         base_config().optim, 10, 100)[0], (16, 16, 3)), parallel.group_parallel_rules(model))
     mesh = parallel.make_mesh({"data": 1, "model": 4})
-    rng = np.random.default_rng(np.random.SeedSequence().entropy)
     grads = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), jnp.float32),
                          jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]))
     placed = parallel.shard_state(grads, mesh, specs.params)

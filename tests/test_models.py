@@ -7,6 +7,7 @@ import pytest
 
 from gconv.complexity import breakdown, count_macs, count_params, layer_costs, preserving_width
 from gconv.models import create_model, family_of, list_models, model_from_config, model_spec
+from conftest import tiered
 from tolerance import U16B
 
 
@@ -48,21 +49,6 @@ def test_resnext29_counts_match_paper_table7():
     for name, millions in (("resnext29_8x64d", 34.4), ("resnext29_16x64d", 68.1)):
         count = count_params(_abstract_params(create_model(name), res=32))
         assert abs(count / 1e6 - millions) < 0.1, (name, count)
-
-
-def test_resnext50_param_count_arithmetic():
-    """25,028,904 from the block formula, as a check on the counting itself (no model involved)."""
-    total, c_in = 3 * 7 * 7 * 64 + 2 * 64, 64  # stem conv + BN
-    for i, blocks in enumerate((3, 4, 6, 3)):
-        planes, width = 64 * 2**i, 128 * 2**i  # width = planes * 4/64 * 32
-        for j in range(blocks):
-            total += c_in * width + 9 * width * width // 32 + width * 4 * planes  # 1x1, grouped 3x3, 1x1
-            total += 2 * (width + width + 4 * planes)  # three BNs (scale, bias)
-            if j == 0:
-                total += c_in * 4 * planes + 2 * 4 * planes  # projection conv + BN
-            c_in = 4 * planes
-    total += 2048 * 1000 + 1000  # head
-    assert total == 25_028_904
 
 
 @pytest.mark.parametrize("name,gmacs", [("resnext50_32x4d", 4.2305), ("shufflenet_v2_x1_0", 0.1449),
@@ -137,19 +123,19 @@ def _input_size(model):
     return 67 if family_of(model).name == "alexnet" else 32  # AlexNet's strided 11x11 and 3 pools need > 32
 
 
-@pytest.mark.parametrize("name", list_models())
+# One name of each family and structural variant (stems, stage groups, channel rounding, groups that need
+# the shuffle's all-to-all, v2's split units, LRN and dropout, grouping schemes): compiled and run.
+REPRESENTATIVES = ["resnext11_8x4d", "resnext50_32x4d", "resnet50_root8", "shufflenet_g3_w1", "shufflenet_g8_wd4",
+                   "shufflenet_v2_x0_5", "alexnet_g2", "nin_cifar_tree4", "regnetx_200mf"]
+
+
+@pytest.mark.parametrize("name", tiered(list_models(), fast=REPRESENTATIVES))
 def test_every_name_builds(name):
     """Every registered name, at the input size its counts are given at, from shapes alone."""
     model = create_model(name, num_classes=7)
     shape = (2,) + family_of(model).input_shape(model)
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape)))
     assert jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape)), abstract).shape == (2, 7)
-
-
-# One name of each family and structural variant (stems, stage groups, channel rounding, groups that need
-# the shuffle's all-to-all, v2's split units, LRN and dropout, grouping schemes): compiled and run.
-REPRESENTATIVES = ["resnext11_8x4d", "resnext50_32x4d", "resnet50_root8", "shufflenet_g3_w1", "shufflenet_g8_wd4",
-                   "shufflenet_v2_x0_5", "alexnet_g2", "nin_cifar_tree4", "regnetx_200mf"]
 
 
 @pytest.mark.parametrize("name", REPRESENTATIVES)
@@ -176,8 +162,8 @@ def _loss_and_grads(model, variables, x, y):
     return jax.jit(jax.value_and_grad(loss))(variables["params"])
 
 
-@pytest.mark.parametrize("name", ["resnext11_4x4d", "shufflenet_g3_wd4", "shufflenet_v2_x0_5", "alexnet_g2",
-                                  "nin_cifar_root4", "regnetx_400mf"])
+@pytest.mark.parametrize("name", tiered(["resnext11_4x4d", "shufflenet_g3_wd4", "shufflenet_v2_x0_5", "alexnet_g2",
+                                         "nin_cifar_root4", "regnetx_400mf"], fast=["resnext11_4x4d", "shufflenet_g3_wd4"]))
 def test_every_parameter_receives_a_gradient(name):
     model = _tiny(name)
     res = _input_size(model)
@@ -206,7 +192,8 @@ def test_batchnorm_train_vs_eval():
         model.apply(variables, x, train=True)
 
 
-@pytest.mark.parametrize("name", ["resnext11_4x4d", "shufflenet_g2_wd2", "shufflenet_v2_x0_5"])
+@pytest.mark.parametrize("name", tiered(["resnext11_4x4d", "shufflenet_g2_wd2", "shufflenet_v2_x0_5"],
+                                        fast=["shufflenet_g2_wd2"]))
 def test_bf16_compute_with_f32_params(name):
     model, model16 = _tiny(name), _tiny(name, dtype=jnp.bfloat16)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))

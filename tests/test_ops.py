@@ -10,7 +10,7 @@ from jax import lax
 from jax.test_util import check_grads
 
 from gconv import ops
-from tolerance import U16B, assert_within, conv_terms, gamma, linear_bound, sin_loss_gradient_bound
+from tolerance import U16B, U64, assert_within, conv_terms, gamma, linear_bound, sin_loss_gradient_bound
 
 
 def _rand(seed, shape, dtype=jnp.float32):
@@ -89,11 +89,25 @@ def test_depthwise_with_multiplier(multiplier):
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])
-def test_gradients(nd):
-    x = _rand(0, (2,) + (5,) * nd + (4,))
-    k = _rand(1, (3,) * nd + (2, 6))
-    f = lambda x, k: ops.grouped_conv(x, k, 2, strides=2, padding=1, precision=lax.Precision.HIGHEST)  # noqa: E731
-    check_grads(f, (x, k), order=2, modes=("fwd", "rev"), atol=1e-2, rtol=1e-2)
+def test_gradients(nd, seed):
+    """Autodiff against central differences, to second order, in float64.
+
+    Error model: the checked maps are polynomials in (x, k) of degree <= 3 (the conv is bilinear; the order-2 VJP
+    map, conv^T(conv(x, k), k), is cubic), so a central difference is exact up to its truncation, eps^2 |f'''| / 6
+    <= eps^2 S, and the rounding of the two evaluations it differences, gamma_L S / eps, where L <= 2 n + 1 is the
+    longest chain of sums (n = 3^nd x 2 terms per output, twice in the order-2 map, and the perturbed input) and S
+    the largest sum of |terms|: the order-2 map on |x| + 5 eps, |k| + 5 eps (the directions check_grads draws are
+    standard normals, within 5 of 0), where nothing cancels. check_close allows atol + rtol |want|."""
+    eps = 1e-5
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.PRNGKey(seed), (2,) + (5,) * nd + (4,), jnp.float64)
+        k = jax.random.normal(jax.random.PRNGKey(seed + 1), (3,) * nd + (2, 6), jnp.float64)
+        f = lambda x, k: ops.grouped_conv(x, k, 2, strides=2, padding=1, precision=lax.Precision.HIGHEST)  # noqa
+        second = lambda x, k: jax.vjp(f, x, k)[1](f(x, k))  # noqa: E731 - the order-2 VJP map
+        big = max(float(jnp.max(g)) for g in second(jnp.abs(x) + 5 * eps, jnp.abs(k) + 5 * eps))
+        n = 3**nd * 2
+        tol = gamma(2 * n + 1, U64) * big / eps + eps**2 * big
+        check_grads(f, (x, k), order=2, modes=("fwd", "rev"), atol=tol, rtol=tol, eps=eps)
 
 
 @pytest.mark.parametrize("impl", ops.IMPLS)

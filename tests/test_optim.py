@@ -25,8 +25,7 @@ def _closed_form(optim, steps_per_epoch: int, total: int, step: int) -> float:
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
-def test_schedule_equals_its_closed_form(schedule):
-    rng = np.random.default_rng()
+def test_schedule_equals_its_closed_form(schedule, rng):
     optim = base_config().optim
     optim.schedule, optim.learning_rate = schedule, float(rng.uniform(0.01, 1.0))
     optim.warmup_epochs = float(rng.choice([0.0, 0.5, 1.0, 2.5]))

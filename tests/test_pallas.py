@@ -16,7 +16,33 @@ from tolerance import assert_within, conv_terms, linear_bound, sin_loss_gradient
 MODELS = ("resnext50_32x4d", "shufflenet_g2_w1", "shufflenet_g3_w1", "shufflenet_g4_w1", "shufflenet_g8_w1")
 
 
-def _shapes(name: str) -> list[tuple]:
+def _resnext50_shapes() -> list[tuple]:
+    """The grouped 3x3s of ResNeXt-50 32x4d at 224x224: (input HxWxC, kernel, groups, stride, padding), in order.
+    Stage i has width 128 x 2^i at 56 / 2^i pixels; its first block (from stage 2 on) is strided, at the previous
+    stage's size."""
+    same = ((1, 1), (1, 1))
+    shapes = [((56, 56, 128), (3, 3, 4, 128), 32, 1, same)]
+    for i in (1, 2, 3):
+        width, size = 128 * 2**i, 56 // 2**i
+        shapes += [((2 * size, 2 * size, width), (3, 3, width // 32, width), 32, 2, same),
+                   ((size, size, width), (3, 3, width // 32, width), 32, 1, same)]
+    return shapes
+
+
+def _shufflenet_v1_shapes(groups: int) -> list[tuple]:
+    """The grouped 1x1s of ShuffleNet v1 1.0x (g = `groups`) at 224x224, in order: stage 2 has c channels at 28x28,
+    stage 3 2c at 14x14, stage 4 4c at 7x7, bottlenecks a quarter of a stage's output; each stage's first unit is
+    strided and concatenates its pooled input (stage 2's first reduce is ungrouped: only 24 input channels)."""
+    c, none = {2: 200, 3: 240, 4: 272, 8: 384}[groups], ((0, 0), (0, 0))
+    conv = lambda size, c_in, c_out: ((size, size, c_in), (1, 1, c_in // groups, c_out), groups, 1, none)  # noqa
+    shapes = [conv(28, c // 4, c - 24), conv(28, c, c // 4), conv(28, c // 4, c)]  # stage 2 (4 units, 3 alike)
+    for size, width in ((14, 2 * c), (7, 4 * c)):  # stages 3 and 4: the first unit, then the others
+        shapes += [conv(2 * size, width // 2, width // 4), conv(size, width // 4, width // 2),
+                   conv(size, width, width // 4), conv(size, width // 4, width)]
+    return shapes
+
+
+def _traced_shapes(name: str) -> list[tuple]:
     """Every distinct (input HxWxC, kernel shape, groups, strides, padding) of the model's convs that the Pallas
     lowering is for: grouped, with more than one channel per group."""
     seen = []
@@ -37,11 +63,20 @@ def _shapes(name: str) -> list[tuple]:
     return seen
 
 
-SHAPES = {name: _shapes(name) for name in MODELS}
-# The fast tier checks ResNeXt-50's shapes and the first of each ShuffleNet's; the slow tier the rest.
+SHAPES = {"resnext50_32x4d": _resnext50_shapes(),
+          **{f"shufflenet_g{g}_w1": _shufflenet_v1_shapes(g) for g in (2, 3, 4, 8)}}
+# The fast tier checks each model's first shape and ResNeXt-50's first strided one; the slow tier the rest.
+FAST = [SHAPES[name][0] for name in MODELS] + [next(s for s in SHAPES[MODELS[0]] if s[3] == 2)]
 CASES = [pytest.param(shape, id=f"{name}-{'x'.join(map(str, shape[0]))}-k{'x'.join(map(str, shape[1]))}-g{shape[2]}"
-                      f"-s{shape[3]}", marks=() if name.startswith("resnext") or i == 0 else pytest.mark.slow)
-         for name in MODELS for i, shape in enumerate(SHAPES[name])]
+                      f"-s{shape[3]}", marks=() if shape in FAST else pytest.mark.slow)
+         for name in MODELS for shape in SHAPES[name]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_the_tables_are_every_grouped_shape_of_the_models(name):
+    """The tables (closed forms, so that collecting this file traces no model) equal what the model computes."""
+    assert SHAPES[name] == _traced_shapes(name)
 
 
 def test_the_tables_have_the_shapes_they_should():
@@ -63,9 +98,8 @@ def _value_and_sin_gradients(f):
 
 
 @pytest.mark.parametrize("shape", CASES)
-def test_pallas_lowering_equals_the_reference(shape):
+def test_pallas_lowering_equals_the_reference(shape, rng):
     (h, w, c_in), k_shape, groups, strides, padding = shape
-    rng = np.random.default_rng(np.random.SeedSequence().entropy)
     x = jnp.asarray(rng.standard_normal((1, h, w, c_in)), jnp.float32)
     k = jnp.asarray(rng.standard_normal(k_shape) / np.sqrt(np.prod(k_shape[:-1])), jnp.float32)
     kw = dict(strides=strides, padding=padding, precision=lax.Precision.HIGHEST)

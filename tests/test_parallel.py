@@ -13,7 +13,7 @@ from gconv.collectives import GroupSplit
 from gconv.config import base_config
 from gconv.models import create_model
 
-from conftest import TINY, checkpoint_steps, launch
+from conftest import TINY, checkpoint_steps, launch, tiered
 from tolerance import step_rtol
 
 
@@ -142,7 +142,7 @@ def test_sharded_channel_shuffle_equals_channel_shuffle():
         collectives.sharded_channel_shuffle(jnp.zeros((2, 9)), 6, parallel.MODEL, 4)
 
 
-@pytest.mark.parametrize("name", ["resnext11_8x4d", "shufflenet_g8_w1"])
+@pytest.mark.parametrize("name", tiered(["resnext11_8x4d", "shufflenet_g8_w1"], fast=["resnext11_8x4d"]))
 def test_group_parallel_train_step_on_a_2x4_mesh_equals_one_device(name):
     """ResNeXt blocks (column/row-parallel 1x1s around local grouped 3x3s) and ShuffleNet v1 units (local, one
     all_to_all per shuffle), groups split over model=4 and the batch over data=2: forward (loss), gradients

@@ -2,6 +2,7 @@
 chosen training images, and a run with it on evaluates with them."""
 import jax
 import numpy as np
+import pytest
 from flax import traverse_util
 
 from gconv.models import create_model
@@ -12,7 +13,7 @@ FIELDS = dict(depths=(1, 2), widths=(16, 32), strides=(2, 2), bottleneck=(1.0, 1
               stem="cifar", stem_width=8)
 
 
-def test_statistics_are_the_exact_moments_over_the_images():
+def test_statistics_are_the_exact_moments_over_the_images(rng):
     """The stem's BatchNorm sees the stem conv's outputs, whatever the batches: its statistics must equal their
     mean and variance over all 48 images, computed here in float64. Every deeper BatchNorm's input depends on its
     batch (training mode normalises by batch statistics), so its statistics must equal the pooled moments of the
@@ -23,7 +24,6 @@ def test_statistics_are_the_exact_moments_over_the_images():
     E[x^2] - E[x]^2 carries both errors: bound 2 gamma(n + 3) (E|x| for the mean, E[x^2] + E[x]^2 for the
     variance), per channel; for a deeper layer E|x| <= max_b |m_b| + max_b sqrt(v_b)."""
     model = create_model("anynet", **FIELDS, num_classes=10)
-    rng = np.random.default_rng()  # fresh images each run
     images = rng.standard_normal((48, 16, 16, 3)).astype(np.float32)
     variables = model.init(jax.random.PRNGKey(int(rng.integers(2**31))), images[:1])
     batches = [{"image": images[i:i + 16]} for i in (0, 16, 32)]
@@ -50,6 +50,7 @@ def test_statistics_are_the_exact_moments_over_the_images():
         assert_within(stats[layer + ("var",)], second - mean**2, bound(2 * second), f"{layer} var")
 
 
+@pytest.mark.slow
 def test_a_run_with_precise_bn_evaluates_with_it(cli, tmp_path):
     """`precise_bn_images` changes what an evaluation sees (the statistics), not what training computes."""
     base = ["--config", "experiments/design_space.py:local", "--point", "free_00", "--skip_analysis",

@@ -8,9 +8,8 @@ measures and process 1 receives its choices (its cache is never written), the ru
 `lowerings.json`, and every relaunch compiles with them. The uninterrupted job and the first session of the soaked
 one share process 0's cache, so both compile the same program and their metrics can be equal exactly.
 
-The plan is random, from a seed printed at the start (`GCONV_SOAK_SEED=N` replays one)."""
+The plan is random, from the test's seed (conftest's `seed`: printed with a failure, `GCONV_TEST_SEED=N` replays it)."""
 import json
-import os
 import random
 import signal
 import time
@@ -64,8 +63,7 @@ def _unfinished_checkpoint(env: dict, run: str) -> bool:
     return any(f"{run}/checkpoints/{step}/commit_success.txt" not in names for step in steps)
 
 
-def test_soak_sigterms_to_random_processes_then_a_sigkill_mid_checkpoint(tmp_path):
-    seed = int(os.environ.get("GCONV_SOAK_SEED") or random.SystemRandom().randrange(2**31))
+def test_soak_sigterms_to_random_processes_then_a_sigkill_mid_checkpoint(tmp_path, seed):
     rng = random.Random(seed)
     targets = sorted(rng.sample(range(4, 20), 4))
     victims = [rng.randrange(2) for _ in targets]

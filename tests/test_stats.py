@@ -9,8 +9,7 @@ import pytest
 from gconv import report, stats
 
 
-def test_welch_against_its_definition():
-    rng = np.random.default_rng()
+def test_welch_against_its_definition(rng):
     a, b = rng.normal(2.0, 0.3, 5), rng.normal(2.4, 0.8, 7)
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     t = (a.mean() - b.mean()) / np.sqrt(va + vb)

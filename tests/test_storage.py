@@ -2,7 +2,10 @@
 stopped by SIGTERM, resumed from the checkpoint in the bucket, reported and relaunched once finished; a store that
 stops answering (paused, then resumed or killed) ends the run in one line within `storage_timeout_s`."""
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -100,11 +103,30 @@ def _one_stall_line(lines: list[str], waited: float) -> None:
     assert STALL <= waited < STALL + 30, waited
 
 
-def test_a_paused_store_ends_the_run_in_one_line_and_the_relaunch_resumes(own_gcs):
+def _from_another_host(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """`launch.py *args` on a host of another name (a UTS namespace of its own), as a pod's replacement VM."""
+    if subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs `unshare --uts` (root) to relaunch under another host name")
+    return subprocess.run(["unshare", "--uts", "sh", "-c", 'hostname gconv-other-host && exec "$0" "$@"',
+                           sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env})
+
+
+def test_a_paused_store_ends_the_run_in_one_line_and_another_host_resumes_with_takeover(own_gcs):
+    """The stall leaves the run lock in the bucket with a fresh heartbeat; the stall line names --takeover. Once the
+    store answers, a relaunch from another host is refused in one line naming the holder and the flag; with
+    --takeover it says whose lock it took and resumes with nothing lost."""
     lines, waited, args = _stall(own_gcs, "pause")
     _one_stall_line(lines, waited)
-    own_gcs.server.send_signal(signal.SIGCONT)  # the store answers again: the same command resumes
-    resumed = launch(*args, env=own_gcs.env)
+    stalled = next(line for line in lines if line.startswith("error: storage stalled"))
+    assert "run lock gs://" in stalled and "--takeover" in stalled, stalled
+    own_gcs.server.send_signal(signal.SIGCONT)  # the store answers again
+    refused = _from_another_host(*args, env=own_gcs.env)
+    assert refused.returncode == 2 and "--takeover" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "is in use by pid" in refused.stderr
+    resumed = _from_another_host(*args, "--takeover", env=own_gcs.env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"note: taking over the lock of gs://{BUCKET}/run/c2 from pid " in resumed.stdout, resumed.stdout
     assert "c2: resuming at step " in resumed.stdout, resumed.stdout
     assert int(resumed.stdout.split("c2: resuming at step ")[1].split()[0]) >= 20  # nothing written was lost
     records = [json.loads(line) for line in read_object(own_gcs.env, "run/c2/metrics.jsonl").decode().splitlines()]

@@ -90,3 +90,39 @@ def test_only_the_models_index_parameters_by_a_familys_layer_names():
                     and node.slice.value in names):
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} [{node.slice.value!r}]")
     assert not offenders, offenders
+
+
+TESTS = Path(__file__).parent
+_SEEDED = {"default_rng", "SeedSequence", "Random"}  # generators that are replayable when given a seed
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return node.id if isinstance(node, ast.Name) else ""
+
+
+def _unseeded(source: str) -> list[int]:
+    """Lines of `source` that draw randomness no seed replays: a generator built without a seed, numpy's or
+    Python's global generator, or the operating system's entropy."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = _dotted(node.func)
+        last = name.rsplit(".", 1)[-1]
+        global_draw = name.startswith(("np.random.", "numpy.random.", "random.")) and last not in _SEEDED
+        if ((last in _SEEDED and not node.args and not node.keywords) or global_draw
+                or name.startswith(("secrets.", "os.urandom"))):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_every_random_test_input_is_replayable():
+    """Random inputs come from conftest's `seed`/`rng` fixtures (a fresh seed, printed with a failure, set by
+    GCONV_TEST_SEED) or from hypothesis; conftest alone draws the fresh seed."""
+    assert _unseeded("a = np.random.default_rng()\nb = np.random.default_rng(3)\nc = random.choice(x)\n"
+                     "d = np.random.SeedSequence().entropy\ne = random.Random(seed)\n") == [1, 3, 4]
+    offenders = [f"{path.name}:{line}" for path in sorted(TESTS.glob("*.py")) if path.name != "conftest.py"
+                 for line in _unseeded(path.read_text())]
+    assert not offenders, f"unseeded random inputs (use the `seed` or `rng` fixture): {offenders}"

@@ -15,17 +15,18 @@ from gconv import checkpoints, storage, train
 from gconv.config import base_config, check_config
 from gconv.models import create_model
 from gconv.metrics_log import read_metrics
-from conftest import RESUME, ROOT, TINY, TRAINED_TINY, checkpoint_steps, launch, start, strip_timing, wait_until
+from conftest import (RESUME, ROOT, TINY, TRAINED_TINY, checkpoint_steps, launch, start, strip_timing, tiered,
+                      wait_until)
 
 
-@pytest.mark.parametrize("name", ["resnext11_2x10d", "shufflenet_g3_wd4"])
-def test_train_state_starts_from_the_values_of_a_plain_init(name):
+@pytest.mark.parametrize("name", tiered(["resnext11_2x10d", "shufflenet_g3_wd4"], fast=["shufflenet_g3_wd4"]))
+def test_train_state_starts_from_the_values_of_a_plain_init(name, rng):
     """`create_train_state` compiles `model.init` with its own options (LLVM -O1); the values are those of
     `jit(model.init)` at full optimisation, as a plain `jit` compiles it outside the tests (whose XLA_FLAGS lower it
     to -O0, see conftest.py)."""
     model = create_model(name, num_classes=10)
     tx, _ = train.create_optimizer(base_config().optim, 10, 100)
-    seed = int(np.random.default_rng().integers(2**16))
+    seed = int(rng.integers(2**16))
     state = train.create_train_state(model, tx, (16, 16, 3), seed)
     init_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
     x = jnp.zeros((1, 16, 16, 3))
@@ -53,6 +54,7 @@ def _scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
     return found
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_in_process_on_mock_cifar10(tmp_path):
     """The loop itself, called as a library (flax's train_test): TFDS mock data, the CIFAR experiment's local variant,
     one sweep point. Checks its logs, TensorBoard events, profile trace, best checkpoint and `eval`; then a resume

@@ -18,6 +18,7 @@ import numpy as np
 
 U32 = 2.0 ** -24  # unit roundoff of float32
 U16B = 2.0 ** -8  # of bfloat16 (8 significand bits)
+U64 = 2.0 ** -53  # of float64
 
 
 def gamma(n: int, u: float = U32) -> float:
