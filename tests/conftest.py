@@ -69,8 +69,6 @@ def pytest_runtest_makereport(item, call):
     if value is not None and report.failed:
         line = f"drawn with seed {value}; replay: {SEED_ENV}={value} python -m pytest '{item.nodeid}'"
         report.sections.append(("replay", line))
-        if hasattr(report.longrepr, "addsection"):
-            report.longrepr.addsection("replay", line)
     return report
 
 

@@ -276,6 +276,7 @@ def test_sigterm_saves_every_member_and_the_relaunch_equals_the_uninterrupted_gr
             strip_timing(read_metrics(straight_group / name / "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_a_members_nan_stops_that_member_and_the_others_finish(cli, capsys, experiment, tmp_path):
     experiment_nan = tmp_path / "nan.py"
     experiment_nan.write_text(open(experiment).read().replace('"optim.learning_rate": 0.02', '"optim.learning_rate": 1e30'))

@@ -97,7 +97,7 @@ def test_train_and_evaluate_in_process_on_mock_cifar10(tmp_path):
         assert train.train_and_evaluate(config, run) == summary  # finished: kept as it is
 
 
-@pytest.mark.parametrize("devices", ["1", "-1"])  # -1: data parallel over the 8 simulated devices
+@pytest.mark.parametrize("devices", tiered(["1", "-1"], fast=["-1"]))  # -1: data parallel over the 8 devices
 def test_one_step_cli_run_writes_logs_config_and_report(cli, capsys, tmp_path, devices):
     assert cli(*TINY, "--workdir", str(tmp_path), "--config.num_steps=1", "--config.log_every_steps=1",
                f"--config.mesh.data={devices}") == 0
