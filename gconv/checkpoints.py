@@ -41,8 +41,8 @@ class _ClosedLoopFilter:
 
 
 def _quiet_closed_loops() -> None:
-    """Installs `_ClosedLoopFilter` once a restore has failed (before that there is nothing to filter), for the
-    rest of the process: the late callbacks come after the restore has returned."""
+    """Installs `_ClosedLoopFilter` before any restore, for the rest of the process: the late callbacks can come
+    while the failure is still propagating (orbax has closed its loop) and after the restore has returned."""
     if not isinstance(sys.unraisablehook, _ClosedLoopFilter):
         sys.unraisablehook = _ClosedLoopFilter(sys.unraisablehook)
 
@@ -57,12 +57,12 @@ def restore_newest_readable(ckpt_dir: epath.Path, restore: Callable[[int], Any],
     """
     steps = list(steps) if steps is not None else readable_checkpoint_steps(ckpt_dir)
     failures = []
+    _quiet_closed_loops()
     for step in sorted(steps, reverse=True):
         try:
             with watch("restore checkpoint", ckpt_dir / str(step)):
                 return step, restore(step)
         except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint; all mean "unreadable"
-            _quiet_closed_loops()
             reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
             failures.append(step)
             where = ""
