@@ -22,6 +22,9 @@ __all__ = ["layer_outputs", "filter_correlation", "filter_correlations", "block_
 def _capture(model: nn.Module, variables: Any, batch: jax.Array, paths: Sequence[str]) -> dict[str, Any]:
     """Applies `model` in eval mode; `{path: (output, groups)}` for the modules at `paths` (`groups` is 1 for
     anything but a `GroupedConv`)."""
+    if type(model).__module__ == "gconv.nnx":
+        raise TypeError("the analysis takes a linen model and its variables: pass model.definition and "
+                        "gconv.nnx.to_linen(model) for a gconv.nnx model.")
     found: dict[str, Any] = {}
 
     def record(module, args, out):

@@ -31,8 +31,21 @@ CONVENTIONS = ("torchvision", "ioannou", "pycls")
 
 
 def count_params(params: Any) -> int:
-    """Number of scalars in a pytree of arrays (or `jax.ShapeDtypeStruct`s)."""
+    """Number of scalars in a pytree of arrays (or `jax.ShapeDtypeStruct`s), or in a `gconv.nnx.Model`'s params."""
+    if _is_nnx(params):
+        from gconv.nnx import to_linen
+
+        params = to_linen(params)["params"]
     return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+def _is_nnx(model: Any) -> bool:
+    return type(model).__module__ == "gconv.nnx"
+
+
+def _linen(model: Any) -> nn.Module:
+    """The linen definition of a `gconv.nnx.Model` (counting reads shapes alone); a linen model as it is."""
+    return model.definition if _is_nnx(model) else model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +71,8 @@ def _trace(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any) -> 
     """One shape-only pass (`jax.eval_shape` of `init`): per-layer costs of every conv and dense layer in call
     order, the activations of one image (conv, dense and max-pool outputs) and the variables' shapes."""
     from gconv.models.common import MaxPool3x3
+
+    model = _linen(model)
 
     shape = tuple(input_shape)
     if len(shape) == 3:

@@ -309,8 +309,7 @@ def _train(runs: list[_Run]) -> list[dict[str, Any]]:
               f"{start_step} from {runs[0].ckpt_dir / str(resume_step)}", flush=True)
     for i, run in enumerate(runs):
         with watchdog.watch("open checkpoints", run.ckpt_dir):
-            run.manager = ocp.CheckpointManager(run.ckpt_dir, options=checkpoints.checkpoint_options(
-                config.keep_checkpoints))
+            run.manager = checkpoints.manager(run.ckpt_dir, config.keep_checkpoints)
         run.log = metrics_log.MetricsLog(run.run_dir / "metrics.jsonl", start_step, enabled=is_main)  # + TensorBoard
         run.pending = metrics_log.PendingMetrics(run.run_dir, start_step, enabled=is_main, lane=i if joined else None)
 
@@ -414,7 +413,7 @@ def _train(runs: list[_Run]) -> list[dict[str, Any]]:
                         if run.failure is not None:
                             continue
                         with watchdog.watch("save checkpoint", run.ckpt_dir / str(done)):  # waits for the previous
-                            run.manager.save(done, args=ocp.args.StandardSave(take(state, i) if joined else state),
+                            run.manager.save(done, args=ocp.args.PyTreeSave(take(state, i) if joined else state),
                                              metrics={"eval_top1_error": scores[i]["eval_top1_error"]} if is_eval
                                              else None)
                         run.pending.save(done)

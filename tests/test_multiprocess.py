@@ -62,8 +62,8 @@ def test_members_spread_over_two_processes_train_as_on_one(tmp_path):
             "--config.mesh.member=2", "--skip_analysis"]
     procs = two_processes(tmp_path / "two", *args)
     outs = [proc.communicate(timeout=400)[0] for proc in procs]
-    for i, (proc, out) in enumerate(zip(procs, outs)):
-        assert proc.returncode == 0 and "one program, 2 members" in out, f"process {i}:\n{out}"
+    assert all(proc.returncode == 0 and "one program, 2 members" in out for proc, out in zip(procs, outs)), (
+        "\n---\n".join(f"process {i} (exit {proc.returncode}):\n{out}" for i, (proc, out) in enumerate(zip(procs, outs))))
     launch_here(*args, "--workdir", str(tmp_path / "one"))
     for name in ("c2_seed0", "c2_seed1"):
         one, two = (read_metrics(tmp_path / w / name / "metrics.jsonl") for w in ("one", "two"))
