@@ -106,14 +106,16 @@ class _KeepBest:
         return [c.step == best for c in checkpoints]
 
 
-def checkpoint_options(keep: int):
+def checkpoint_options(keep: int, name: str | None = None):
     """Orbax options keeping the newest `keep` checkpoints and, besides them, the best (`best_step`; checkpoints
-    saved at an evaluation carry their eval top-1 error as their metric)."""
+    saved at an evaluation carry their eval top-1 error as their metric). `name` prefixes the manager's barriers
+    across processes: the managers of members saving the same step at once each need barriers of their own."""
     import orbax.checkpoint as ocp
     from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
-    return ocp.CheckpointManagerOptions(create=True, preservation_policy=policies.AnyPreservationPolicy(
-        [policies.LatestN(n=keep), _KeepBest()]))
+    return ocp.CheckpointManagerOptions(
+        create=True, preservation_policy=policies.AnyPreservationPolicy([policies.LatestN(n=keep), _KeepBest()]),
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
 
 
 # A replicated array's replica-parallel save first slices it on each device, one small compiled program per shape
@@ -122,8 +124,8 @@ def checkpoint_options(keep: int):
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
-def manager(ckpt_dir: epath.Path, keep: int):
-    """Orbax's manager of a run's checkpoints (`checkpoint_options(keep)`), saving with `ocp.args.PyTreeSave`:
+def manager(ckpt_dir: epath.Path, keep: int, name: str | None = None):
+    """Orbax's manager of a run's checkpoints (`checkpoint_options(keep, name)`), saving with `ocp.args.PyTreeSave`:
     replicated arrays are written replica-parallel only when each replica's slice holds `MIN_REPLICA_SLICE_BYTES`."""
     import jax
     import orbax.checkpoint as ocp
@@ -132,7 +134,7 @@ def manager(ckpt_dir: epath.Path, keep: int):
     arrays = th.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
     registry = th.create_type_handler_registry(
         *[(ty, th.get_type_handler(ty)) for ty in th.supported_types() if ty is not jax.Array], (jax.Array, arrays))
-    return ocp.CheckpointManager(ckpt_dir, options=checkpoint_options(keep),
+    return ocp.CheckpointManager(ckpt_dir, options=checkpoint_options(keep, name),
                                  item_handlers=ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
 
 

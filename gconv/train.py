@@ -309,7 +309,7 @@ def _train(runs: list[_Run]) -> list[dict[str, Any]]:
               f"{start_step} from {runs[0].ckpt_dir / str(resume_step)}", flush=True)
     for i, run in enumerate(runs):
         with watchdog.watch("open checkpoints", run.ckpt_dir):
-            run.manager = checkpoints.manager(run.ckpt_dir, config.keep_checkpoints)
+            run.manager = checkpoints.manager(run.ckpt_dir, config.keep_checkpoints, run.run_dir.name)
         run.log = metrics_log.MetricsLog(run.run_dir / "metrics.jsonl", start_step, enabled=is_main)  # + TensorBoard
         run.pending = metrics_log.PendingMetrics(run.run_dir, start_step, enabled=is_main, lane=i if joined else None)
 
