@@ -87,9 +87,13 @@ class Model(nnx.Module):
                  use_running_average: bool = True):
         self.definition = definition
         self.collections = tuple(variables)
+        variables = {c: _plain(tree) for c, tree in variables.items()}
+        specs = _partition_specs(definition, variables)
         for collection, tree in variables.items():
             kind = _KINDS.get(collection, nnx.Variable)
-            setattr(self, collection, nnx.data(jax.tree.map(kind, _plain(tree))))
+            setattr(self, collection, nnx.data(jax.tree.map(
+                lambda value, spec: kind(value, out_sharding=tuple(spec), eager_sharding=_eager()) if spec
+                else kind(value), tree, specs[collection])))
         self.rngs = rngs
         self.use_running_average = use_running_average
 
@@ -108,6 +112,28 @@ class Model(nnx.Module):
         jax.tree.map(lambda var, value: var.set_value(value), self.batch_stats, dict(updates["batch_stats"]),
                      is_leaf=_is_variable)
         return y
+
+
+def _partition_specs(definition: nn.Module, variables: dict) -> dict:
+    """Each variable's `PartitionSpec` under the family's group-parallel rules (`gconv.parallel.partition_specs`;
+    replicated, `P()`, for a family without them), as NNX's `out_sharding` metadata carries it."""
+    from jax.sharding import PartitionSpec as P
+
+    from gconv import parallel
+    from gconv.models import family_of
+
+    try:
+        rules = family_of(definition).split_rules
+    except (ValueError, KeyError):  # a module of no registered family: replicated
+        rules = ()
+    return {c: parallel.partition_specs(tree, rules) if rules else jax.tree.map(lambda _: P(), tree)
+            for c, tree in variables.items()}
+
+
+def _eager() -> bool:
+    """NNX's eager sharding places a variable as its `out_sharding` says when a mesh is set (`jax.set_mesh`);
+    without one the metadata is kept and nothing is placed."""
+    return nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
 
 
 def _plain(tree: Any) -> Any:

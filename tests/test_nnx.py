@@ -9,10 +9,11 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import gconv.nnx as gnnx
 from conftest import ROOT, TINY, launch_here, tiered
-from gconv import complexity, layers
+from gconv import complexity, layers, parallel
 from gconv.checkpoints import restore_on_host
 from gconv.metrics_log import read_metrics
 from gconv.models import create_model
@@ -67,25 +68,25 @@ def test_nnx_model_equals_its_linen_twin_in_eval_train_and_gradients(name, rng):
     def loss(logits):
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    @jax.jit  # each side in one program: eval, then a training step's loss, gradients and statistics
-    def linen_side(variables):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit  # both sides in one program, compiled once: a wrong variable, mode or update still shows
+    def both(variables, state):
         def train_loss(params):
             logits, updates = definition.apply({**variables, "params": params}, x, train=True, rngs=dropout,
                                                mutable=["batch_stats"])
             return loss(logits), updates
 
-        return definition.apply(variables, x, train=False), jax.value_and_grad(train_loss, has_aux=True)(
+        linen = definition.apply(variables, x, train=False), jax.value_and_grad(train_loss, has_aux=True)(
             variables["params"])
-
-    @nnx.jit
-    def nnx_side(model):
+        model = nnx.merge(graphdef, state)
         model.eval()
         out = model(x)
         model.train()
-        return out, nnx.value_and_grad(lambda m: loss(m(x)))(model)
+        return linen, (out, nnx.value_and_grad(lambda m: loss(m(x)))(model)), nnx.state(model)
 
-    out, ((train_loss, updates), grads) = linen_side(variables)
-    nnx_out, (nnx_loss, nnx_grads) = nnx_side(model)
+    (out, ((train_loss, updates), grads)), (nnx_out, (nnx_loss, nnx_grads)), state = both(variables, state)
+    nnx.update(model, state)
     _exact(nnx_out, out, "eval")
     _exact(nnx_loss, train_loss, "train loss")
     _exact(nnx.to_pure_dict(nnx_grads)["params"], grads, "gradients")
@@ -162,3 +163,21 @@ def test_the_nnx_loop_of_the_docs_trains_as_launch_does(tmp_path):
     logged = [r["train_loss"] for r in read_metrics(tmp_path / "c2" / "metrics.jsonl") if "train_loss" in r]
     assert len(namespace["losses"]) == 50 and logged[:50] == namespace["losses"], json.dumps(
         {"nnx": namespace["losses"][:5], "launch": logged[:5]})
+
+
+def test_nnx_models_carry_the_group_parallel_specs_and_place_themselves_under_a_mesh():
+    """Each variable's `out_sharding` is what `gconv.parallel` gives the linen variable at its path; created under
+    a mesh, NNX's eager sharding places it so (here the grouped 3x3s split over `model`)."""
+    model = gnnx.create_model("resnext11_8x4d", num_classes=10, rngs=nnx.Rngs(0))
+    linen = gnnx.to_linen(model)
+    want = {c: parallel.partition_specs(tree, parallel.group_parallel_rules(model.definition))
+            for c, tree in linen.items()}
+    got = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model, (nnx.Param, nnx.BatchStat))))
+    assert got == want and any(spec != P() for spec in jax.tree.leaves(want, is_leaf=lambda s: isinstance(s, P)))
+    mesh = jax.make_mesh((2, 4), (parallel.DATA, parallel.MODEL), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    with jax.set_mesh(mesh):
+        placed = gnnx.create_model("resnext11_8x4d", num_classes=10, rngs=nnx.Rngs(0))
+    placed_as = jax.tree.map(lambda v, spec: v.sharding.is_equivalent_to(NamedSharding(mesh, spec), v.ndim),
+                             gnnx.to_linen(placed), want)
+    assert all(jax.tree.leaves(placed_as)), placed_as
+    _exact(gnnx.to_linen(placed), linen, "the placed model's values")
