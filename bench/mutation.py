@@ -1,5 +1,5 @@
 """Mutation score of the test suite on hand-made mutants: each mutant changes one promise of gconv (a shuffle order,
-BN synchronisation, the weight-decay mask, the resumed input position, a shard index, torn-file handling, the
+the ops' own partitioning, the weight-decay mask, the resumed input position, a shard index, torn-file handling, the
 kept best checkpoint, the run lock's conditional create, each member's own hyperparameters, a sharding rule) and is
 killed when a test of its area fails.
 
@@ -24,8 +24,8 @@ from pathlib import Path
 MUTANTS = [
     ("shuffle order", "x = jnp.swapaxes(x, axis, axis + 1)", "x = x",
      ["tests/test_ops.py", "tests/test_layers.py", "tests/test_parallel.py"]),
-    ("BN axis", "dtype=dtype, param_dtype=param_dtype, axis_name=axis_name)",
-     "dtype=dtype, param_dtype=param_dtype, axis_name=None)", ["tests/test_parallel.py", "tests/test_models.py"]),
+    ("op partition", "b = DATA if data > 1 and batch % data == 0 else None", "b = None",
+     ["tests/test_parallel.py"]),
     ("decay mask", "lambda p: p.ndim > 1, params)", "lambda p: p.ndim >= 1, params)",
      ["tests/test_optim.py", "tests/test_train.py"]),
     ("resume step", "ds = ds[start_step * shard_count + shard_index::shard_count]",

@@ -171,7 +171,10 @@ def base_config() -> ml_collections.ConfigDict:
         warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1, label_smoothing=0.0))
     config.mesh = ml_collections.ConfigDict(dict(  # -1: all remaining devices; member: blocks the members spread over
         data=-1, model=1, member=1, layout="data_major"))
-    config.parallel = "shard_map"  # or "pmap", the same data-parallel step
+    config.sharding = ml_collections.ConfigDict(dict(  # where parameters and optimizer state live (gconv.parallel)
+        strategy="auto",  # "data", "group", "fsdp"; "auto": "group" when mesh.model > 1, else "data"
+        rules=()))  # ((path regex, spec), ...) replacing the family's group rules (a user's module has none)
+    config.parallel = "jit"  # or "pmap": data parallel under jax.pmap (BatchNorm statistics per device)
     config.num_epochs = 30.0
     config.num_steps = -1  # > 0 overrides num_epochs
     config.log_every_steps = 50
@@ -211,7 +214,7 @@ def cardinality_sweep(cardinalities: Iterable[int], channels: int = 256, base_wi
 
 # Where and how a run executes, not what it computes (mesh, step transform, input threads, storage waits, joining
 # other runs): free to change on resume.
-_PLACEMENT = ("mesh", "parallel", "storage_timeout_s", "members", "member_vmap")
+_PLACEMENT = ("mesh", "sharding", "parallel", "storage_timeout_s", "members", "member_vmap")
 
 
 def flat_items(tree: dict, prefix: str = "") -> dict[str, Any]:

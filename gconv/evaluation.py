@@ -11,7 +11,8 @@ import ml_collections
 from gconv import data as data_lib
 from gconv import checkpoints, storage
 from gconv.models import family_of, model_from_config
-from gconv.train import TrainState, eval_step, evaluate
+from gconv.loop import evaluate
+from gconv.train import TrainState, eval_step
 
 __all__ = ["evaluate_variables", "evaluate_run", "evaluate_weights"]
 

@@ -61,7 +61,7 @@ def _program(config: ml_collections.ConfigDict) -> str:
 
 def _can_join(config: ml_collections.ConfigDict) -> bool:
     """Runs that never join: precise BatchNorm (a separate pass per run) and the pmap step (no member axis)."""
-    return config.get("precise_bn_images", 0) <= 0 and config.get("parallel", "shard_map") == "shard_map"
+    return config.get("precise_bn_images", 0) <= 0 and config.get("parallel", "jit") == "jit"
 
 
 def group_runs(runs: Sequence[tuple[str, ml_collections.ConfigDict]]) -> list[list[tuple[str, Any]]]:
@@ -102,64 +102,43 @@ def vmap_width(count: int, vmap: int = 0) -> int:
     return vmap
 
 
-def _blocks(fn: Callable, xs: Any, width: int) -> Any:
-    """`fn` over the leading axis of `xs`, `width` members at a time through `vmap`; the blocks one after another
-    in the program (unrolled: XLA's CPU runs a loop body several times slower than the same code outside one)."""
+def _blocks(fn: Callable, xs: Any, width: int, member_axis: str | None) -> Any:
+    """`fn` over the leading axis of `xs`, `width` members at a time through `vmap` (the member axis split over the
+    mesh's `member_axis` when given); the blocks one after another in the program (unrolled: XLA's CPU runs a loop
+    body several times slower than the same code outside one)."""
     count = jax.tree.leaves(xs)[0].shape[0]
+    mapped = jax.vmap(fn, spmd_axis_name=member_axis)
     if width == count:
-        return jax.vmap(fn)(xs)
-    outs = [jax.vmap(fn)(jax.tree.map(lambda x: x[i:i + width], xs)) for i in range(0, count, width)]
+        return mapped(xs)
+    outs = [mapped(jax.tree.map(lambda x: x[i:i + width], xs)) for i in range(0, count, width)]
     return jax.tree.map(lambda *o: jnp.concatenate(o), *outs)
 
 
-def _gathered(tree: Any, count: int, member_axis: str | None) -> Any:
-    """Every device's `count` members' rows of `tree`, concatenated in member order and replicated: each device
-    writes its rows into zeros and the sum over `member_axis` joins them (exactly: the other terms are zeros)."""
-    if member_axis is None:
-        return tree
-    start, size = jax.lax.axis_index(member_axis) * count, jax.lax.axis_size(member_axis) * count
-    return jax.tree.map(lambda x: jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(
-        jnp.zeros((size,) + x.shape[1:], x.dtype), x, start, axis=0), member_axis), tree)
-
-
-def _local_rows(table: Any, count: int, member_axis: str | None) -> Any:
-    """The rows of `(K, ...)` arrays that this device's `count` members take (all K without a member axis)."""
-    if member_axis is None:
-        return table
-    start = jax.lax.axis_index(member_axis) * count
-    return jax.tree.map(lambda t: jax.lax.dynamic_slice_in_dim(t, start, count), table)
-
-
 def member_train_step(states: Any, batches: dict, *, step: Callable, optim: ml_collections.ConfigDict,
-                      schedules: Sequence[Callable], hyper: dict[str, np.ndarray], axis_name: str | None = None,
-                      member_axis: str | None = None, vmap: int = 0, **kwargs) -> tuple[Any, dict]:
+                      schedules: Sequence[Callable], hyper: dict[str, np.ndarray], member_axis: str | None = None,
+                      vmap: int = 0, **kwargs) -> tuple[Any, dict]:
     """`step` (gconv.train.train_step) `vmap`ped over the members: `states` with a leading member axis, `batches`
     `(K, B, ...)`. Member i trains with its own learning rate (`schedules[i]` at the step), and `hyper`'s row i.
-    `vmap` members are computed at once (`vmap_width`), in a loop over the K / `vmap` such blocks.
-    Under `shard_map` with a `member_axis`, this device's members are a block of the K; the metrics come back for
-    all K, replicated."""
+    `vmap` members are computed at once (`vmap_width`), in a loop over the K / `vmap` such blocks; the member axis
+    is split over the mesh's `member_axis` when given."""
     count = states.step.shape[0]
     table = {"lr": jnp.stack([schedule(states.step[0]) for schedule in schedules]),
              **{k: jnp.asarray(v) for k, v in hyper.items()}}
-    table = _local_rows(table, count, member_axis)
 
     def one(args):
         state, batch, h = args
         tx = build_optimizer(optim, lambda _: h["lr"], h["weight_decay"], h["momentum"])
         return step(state, batch, tx=tx, schedule=lambda _: h["lr"], label_smoothing=h["label_smoothing"],
-                    axis_name=axis_name, **kwargs)
+                    **kwargs)
 
     width = vmap_width(count, vmap)
     with choice.members(width):
-        states, metrics = _blocks(one, (states, batches, table), width)
-    return states, _gathered(metrics, count, member_axis)
+        return _blocks(one, (states, batches, table), width, member_axis)
 
 
-def member_eval_step(states: Any, batch: dict, *, step: Callable, axis_name: str | None = None,
-                     member_axis: str | None = None, vmap: int = 0, **kwargs) -> dict:
-    """`step` (gconv.train.eval_step) of every member on the same `batch`: sums with a leading member axis (all K,
-    replicated)."""
+def member_eval_step(states: Any, batch: dict, *, step: Callable, member_axis: str | None = None, vmap: int = 0,
+                     **kwargs) -> dict:
+    """`step` (gconv.train.eval_step) of every member on the same `batch`: sums with a leading member axis."""
     width = vmap_width(states.step.shape[0], vmap)
     with choice.members(width):
-        sums = _blocks(lambda state: step(state, batch, axis_name=axis_name, **kwargs), states, width)
-    return _gathered(sums, states.step.shape[0], member_axis)
+        return _blocks(lambda state: step(state, batch, **kwargs), states, width, member_axis)

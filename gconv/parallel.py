@@ -1,19 +1,26 @@
-"""Many devices: a `data` x `model` mesh from config (with a leading `member` axis when members are spread over
-devices); data-parallel and group-parallel steps through `shard_map` (and data parallel through `pmap`).
+"""Many devices, declared: a `(member, data, model)` mesh and sharding rules from the config; the steps are
+`jax.jit`s over global arrays with in/out shardings from those rules.
 
-Data parallel: the batch is split over `data`, parameters are replicated, and inside the step gradients, metrics
-and BatchNorm statistics are averaged over `data` (`lax.pmean`; the model's `axis_name="data"`), so N devices
-compute what one device computes on the global batch. Each device runs its grouped convolutions on its own slice:
-nothing in the step all-gathers activations (the test suite checks the compiled HLO).
+Models are global programs: they compute on the whole batch and the whole layer and never name a mesh axis.
+Where each array lives is declared here, and XLA partitions the rest (BatchNorm's statistics, the gradients and
+their norm are global computations, so N devices compute what one device computes). `grouped_conv` and
+`channel_shuffle` split themselves over the mesh they are traced under (`gconv.ops.partition`), so a grouped conv
+never gathers its activations.
 
-Group parallel (AlexNet's split, generalised): the groups of every grouped convolution are split over `model`;
-each device holds only its groups' weights, BN parameters and activations (a model's `group_split` field says how,
-its family's `split_rules` where each parameter goes; `partition_specs` places the state). Composes with data
-parallel on a 2-D mesh.
+`config.sharding.strategy` says where parameters, BatchNorm statistics and optimizer state live:
+- "data": replicated (data parallel: the batch is split over `data`);
+- "group": the model family's group-parallel rules (AlexNet's split generalised, Megatron-style around each
+  grouped conv: column-parallel reduce 1x1, local grouped 3x3, row-parallel expand 1x1), over `model`;
+- "fsdp": every leaf of at least `FSDP_MIN_SIZE` elements also split over `data` along its largest dimension
+  that divides (parameters gathered per layer in the step, activations never);
+- "auto" (default): "group" when `mesh.model > 1`, else "data".
+`config.sharding.rules`, `((path regex, spec), ...)` with `spec` a mesh axis name or None per dimension, replace the
+family's group rules (a user's own module has none): the first rule whose regex matches a leaf's path places it.
+A rule that matches no parameter, a spec longer than a leaf's rank and a dimension that its axes do not divide are
+errors naming the rule or the leaf, its shape and the mesh.
 
-Members (`gconv.members`): K runs stacked on a leading axis. With `mesh.member = M > 1` the mesh gets a leading
-`member` axis and each of its M positions holds K / M of the members (ensemble parallel); the `data` and `model`
-axes inside a position work as above.
+Members (`gconv.members`): K runs stacked on a leading axis, split over the mesh's `member` axis when it has one.
+`parallel="pmap"`: the data-parallel step under `jax.pmap` (BatchNorm statistics per device, see docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -27,12 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gconv.ops.partition import DATA, MEMBER, MODEL
 
-from gconv.collectives import DATA, MEMBER, MODEL, GroupSplit
+__all__ = ["DATA", "MODEL", "MEMBER", "STRATEGIES", "FSDP_MIN_SIZE", "make_mesh", "replicated", "shard_batch",
+           "pmap_data_parallel", "group_parallel_rules", "sharding_rules", "partition_specs", "state_specs",
+           "named", "shard_state", "check_batch_divides", "input_shard", "place_rows", "compile_steps",
+           "member_block", "member_specs", "MeshStep"]
 
-__all__ = ["DATA", "MODEL", "MEMBER", "make_mesh", "replicated", "shard_batch", "shard_step", "pmap_data_parallel",
-           "group_parallel_rules", "partition_specs", "shard_state", "check_batch_divides", "input_shard",
-           "place_rows", "compile_steps", "split_of", "member_block", "member_specs", "split_norm"]
+STRATEGIES = ("auto", "data", "group", "fsdp")
+FSDP_MIN_SIZE = 2**12  # leaves below this many elements stay replicated under "fsdp" (BN vectors, biases, scalars)
 
 
 def make_mesh(mesh_config: Any, devices: list | None = None) -> Mesh:
@@ -87,27 +97,11 @@ def shard_batch(batch: dict, mesh: Mesh, spec: P = P(DATA)) -> dict:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
-def shard_step(step: Callable, mesh: Mesh, state_specs: Any = P(), *, returns_state: bool = True,
-               donate: bool = True, batch_spec: P = P(DATA)) -> Callable:
-    """`step(state, batch, axis_name=...)` -> a jitted step over `mesh` via `shard_map`.
-
-    The batch is split over `data`; the state is replicated (`state_specs=P()`, data parallel) or split over
-    `model` as `state_specs` says (group parallel, see `partition_specs`; the step's model must then be built with
-    `group_split=GroupSplit(MODEL, mesh.shape[MODEL])`). `step` reduces over `axis_name` itself (`pmean` of
-    gradients and metrics, `psum` of evaluation counts), so its other outputs are replicated. `shard_map`'s
-    replication checks are on (`check_vma`): an output declared replicated that could differ between devices (BN
-    statistics without `axis_name`, a group-parallel `grad_norm` without `split_norm`) is refused when the step is
-    traced, before it runs.
-    """
-    out_specs = (state_specs, P()) if returns_state else P()
-    mapped = jax.shard_map(functools.partial(step, axis_name=DATA), mesh=mesh, in_specs=(state_specs, batch_spec),
-                           out_specs=out_specs)
-    return jax.jit(mapped, donate_argnums=(0,) if donate else ())
-
-
 def pmap_data_parallel(step: Callable, devices: list | None = None) -> Callable:
-    """The same data-parallel step through `jax.pmap`: takes the replicated state and a global batch, reshapes the
-    batch to `(n_devices, B / n, ...)`, and returns the state and metrics of device 0."""
+    """The data-parallel step through `jax.pmap` (`step(state, batch, axis_name=...)` averages its gradients,
+    metrics and BatchNorm statistics over the devices; each device normalises with its own batch's statistics):
+    takes the replicated state and a global batch, reshapes the batch to `(n_devices, B / n, ...)`, and returns the
+    state and metrics of device 0."""
     devices = list(devices if devices is not None else jax.local_devices())
     pmapped = jax.pmap(functools.partial(step, axis_name=DATA), axis_name=DATA, devices=devices, donate_argnums=0)
     n = len(devices)
@@ -121,7 +115,7 @@ def pmap_data_parallel(step: Callable, devices: list | None = None) -> Callable:
     return run
 
 
-# --- group parallel ---------------------------------------------------------------------------------------------
+# --- sharding rules -----------------------------------------------------------------------------------------
 
 def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
@@ -131,26 +125,101 @@ def group_parallel_rules(model: Any) -> tuple:
     """The (path regex, partition) rules of a model whose family has a group-parallel form."""
     from gconv.models import FAMILIES, family_of
 
-    rules = family_of(model).split_rules
+    try:
+        rules = family_of(model).split_rules
+    except ValueError:
+        rules = ()
     if not rules:
         able = [f.name for f in FAMILIES if f.split_rules]
-        raise ValueError(f"{type(model).__name__} has no group-parallel form: use a model of {able}, or mesh.model=1.")
+        raise ValueError(f"{type(model).__name__} has no group-parallel form: use a model of {able}, give "
+                         f"config.sharding as rules ((path regex, spec), ...), or mesh.model=1.")
     return rules
 
 
-def partition_specs(tree: Any, rules: tuple) -> Any:
+def sharding_rules(sharding: Any, model: Any, mesh: Mesh) -> tuple[tuple, bool]:
+    """`(rules, fsdp)` that `config.sharding` (`strategy`, `rules`; see the module docstring) declares for `model`
+    on `mesh`."""
+    strategy, given = sharding["strategy"], tuple((str(p), tuple(s)) for p, s in sharding.get("rules", ()))
+    if strategy not in STRATEGIES:
+        raise ValueError(f"sharding.strategy={strategy!r} is not known: use one of {list(STRATEGIES)}.")
+    for pattern, spec in given:
+        unknown = [a for a in spec if a is not None and a not in mesh.axis_names]
+        if unknown:
+            raise ValueError(f"sharding rule {pattern!r}: {spec} names {unknown}, not axes of the mesh "
+                             f"{dict(mesh.shape)}: use {list(mesh.axis_names)} or None.")
+    group = strategy == "group" or (strategy in ("auto", "fsdp") and mesh.shape[MODEL] > 1)
+    if given or not group or mesh.size == 1:
+        return given, strategy == "fsdp"
+    return group_parallel_rules(model), strategy == "fsdp"
+
+
+def _check_divides(name: str, shape: tuple, spec: P, mesh: Mesh) -> None:
+    for dim, axes in zip(shape, spec):
+        axes = axes if isinstance(axes, tuple) else (axes,)
+        size = math.prod(mesh.shape[a] for a in axes if a is not None)
+        if dim % size:
+            raise ValueError(f"{name} of shape {shape} cannot be split as {spec} over the mesh {dict(mesh.shape)}: "
+                             f"{dim} is not divisible by {size}; change the sharding rule or the mesh.")
+
+
+def _fsdp(name: str, shape: tuple, spec: P, mesh: Mesh) -> P:
+    """`spec` with `data` added on the largest free dimension that `data` divides (leaves of >= FSDP_MIN_SIZE)."""
+    n = mesh.shape[DATA]
+    if n == 1 or math.prod(shape) < FSDP_MIN_SIZE:
+        return spec
+    axes = list(spec) + [None] * (len(shape) - len(spec))
+    free = [i for i in sorted(range(len(shape)), key=lambda i: -shape[i]) if axes[i] is None and shape[i] % n == 0]
+    if not free:
+        raise ValueError(f"fsdp: {name} of shape {shape} (split {spec}) has no dimension divisible by data={n}: "
+                         f"use a data axis that divides one of {shape}, or shard it by a rule.")
+    axes[free[0]] = DATA
+    return P(*axes)
+
+
+def partition_specs(tree: Any, rules: tuple, mesh: Mesh | None = None, fsdp: bool = False,
+                    check_unused: bool = True) -> Any:
     """A `PartitionSpec` per leaf: the first rule whose regex matches the leaf's path ("stage2/unit0/dw_conv/kernel",
-    also inside optimizer states and batch stats), else replicated."""
+    also inside optimizer states and batch stats), else replicated; with `fsdp`, large leaves also split over
+    `data`. With a `mesh`, every split is checked to divide, and (`check_unused`) every rule to match a leaf."""
     compiled = [(re.compile(pattern), P(*spec)) for pattern, spec in rules]
+    used = set()
 
     def spec(path, leaf):
-        name = _path_str(path)
-        for pattern, partition in compiled:
-            if pattern.search(name) and len(partition) <= jnp.ndim(leaf):
-                return partition
-        return P()
+        name, shape = _path_str(path), tuple(jnp.shape(leaf))
+        partition = P()
+        for i, (pattern, rule) in enumerate(compiled):
+            if pattern.search(name):
+                if len(rule) > len(shape):
+                    raise ValueError(f"sharding rule {rules[i][0]!r} gives {rule} to {name} of shape {shape}: "
+                                     f"more dimensions than it has; narrow the rule's regex.")
+                used.add(i)
+                partition = rule
+                break
+        if fsdp and mesh is not None:
+            partition = _fsdp(name, shape, partition, mesh)
+        if mesh is not None:
+            _check_divides(name, shape, partition, mesh)
+        return partition
 
-    return jax.tree_util.tree_map_with_path(spec, tree)
+    specs = jax.tree_util.tree_map_with_path(spec, tree)
+    unused = [rules[i][0] for i in range(len(rules)) if i not in used]
+    if mesh is not None and check_unused and unused:
+        raise ValueError(f"sharding rules {unused} match no parameter: correct their regexes (paths look like "
+                         f"'stage1/block0/conv_group/kernel').")
+    return specs
+
+
+def state_specs(state: Any, sharding: Any, model: Any, mesh: Mesh) -> Any:
+    """The partition specs of a train state (`gconv.train.TrainState`, or its shapes) under `config.sharding`
+    (`{"strategy": ..., "rules": ...}`, or a strategy's name)."""
+    sharding = {"strategy": sharding} if isinstance(sharding, str) else sharding
+    rules, fsdp = sharding_rules(sharding, model, mesh)
+    return partition_specs(state, rules, mesh, fsdp)
+
+
+def named(specs: Any, mesh: Mesh) -> Any:
+    """`NamedSharding`s on `mesh` of a tree of partition specs."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def shard_state(state: Any, mesh: Mesh, state_specs: Any) -> Any:
@@ -197,21 +266,6 @@ def member_specs(specs: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda s: P(lead, *s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def split_norm(param_specs: Any, axis: str = MODEL) -> Callable[[Any], jax.Array]:
-    """The global L2 norm of a gradient tree, inside a group-parallel step: the squares of the leaves split over
-    `axis` (as `param_specs`, the parameters' partition specs, say) are summed over it, the replicated ones counted
-    once: the norm one device computes on the whole model."""
-
-    def norm(grads: Any) -> jax.Array:
-        flags = jax.tree.map(lambda s: axis in tuple(s), param_specs, is_leaf=lambda x: isinstance(x, P))
-        squares = jax.tree.map(lambda g: jnp.sum(jnp.square(g)), grads)
-        split = sum((q for q, f in zip(jax.tree.leaves(squares), jax.tree.leaves(flags)) if f), jnp.float32(0))
-        whole = sum((q for q, f in zip(jax.tree.leaves(squares), jax.tree.leaves(flags)) if not f), jnp.float32(0))
-        return jnp.sqrt(jax.lax.psum(split, axis) + whole)
-
-    return norm
-
-
 def place_rows(batch: dict, mesh: Mesh) -> dict:
     """This process's rows of a global host batch (evaluation), as arrays split over the mesh's `data` axis."""
     shard = input_shard(mesh)
@@ -220,27 +274,41 @@ def place_rows(batch: dict, mesh: Mesh) -> dict:
     return shard_batch(jax.tree.map(lambda x: x[start:start + rows], batch), mesh)
 
 
-def compile_steps(train_step: Callable, eval_step: Callable, mesh: Mesh, state_specs: Any = P(),
-                  mode: str = "shard_map", members: bool = False) -> tuple[Callable, Callable, Callable, Callable]:
-    """`(train_fn, eval_fn, place_train, place_eval)` for a run on `mesh`: one jitted step on a single device, else
-    steps over the mesh through `shard_map` (or data parallel through `pmap`, `mode="pmap"`). `place_train` takes
-    this process's rows of a training batch, `place_eval` a global evaluation batch.
+class MeshStep:
+    """A jitted step called (and lowered) under `jax.set_mesh(mesh)`, so that the ops it traces see the mesh."""
 
-    `members`: the steps take a members' state (`state_specs` are one member's; the member axis is split over the
-    mesh's `member` axis when it has one) and training batches `(K_here, rows, ...)`; their metrics are replicated."""
+    def __init__(self, jitted: Callable, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
+
+
+def compile_steps(train_step: Callable, eval_step: Callable, mesh: Mesh, specs: Any = P(), mode: str = "jit",
+                  members: bool = False) -> tuple[Callable, Callable, Callable, Callable]:
+    """`(train_fn, eval_fn, place_train, place_eval)` for a run on `mesh`: `jax.jit`s of the global steps with the
+    state where `specs` (partition specs, see `state_specs`) put it, the batch split over `data`, the metrics
+    replicated (or data parallel through `pmap`, `mode="pmap"`). `place_train` takes this process's rows of a
+    training batch, `place_eval` a global evaluation batch.
+
+    `members`: the steps take a members' state (`specs` are one member's; the member axis is split over the mesh's
+    `member` axis when it has one) and training batches `(K_here, rows, ...)`."""
     if mesh.size == 1:
         return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), (lambda b: b), (lambda b: b)
     if mode == "pmap":
         return pmap_data_parallel(train_step), jax.jit(eval_step), (lambda b: b), (lambda b: b)
     batch_spec = P(DATA)
     if members:
-        state_specs = member_specs(state_specs, mesh)
+        specs = member_specs(specs, mesh)
         batch_spec = P(MEMBER if MEMBER in mesh.axis_names else None, DATA)
-    return (shard_step(train_step, mesh, state_specs, batch_spec=batch_spec),
-            shard_step(eval_step, mesh, state_specs, returns_state=False, donate=False),
+    state, whole = named(specs, mesh), replicated(mesh)
+    train = jax.jit(train_step, in_shardings=(state, NamedSharding(mesh, batch_spec)), out_shardings=(state, whole),
+                    donate_argnums=0)
+    evaluate = jax.jit(eval_step, in_shardings=(state, NamedSharding(mesh, P(DATA))), out_shardings=whole)
+    return (MeshStep(train, mesh), MeshStep(evaluate, mesh),
             functools.partial(shard_batch, mesh=mesh, spec=batch_spec), functools.partial(place_rows, mesh=mesh))
-
-
-def split_of(mesh: Mesh) -> GroupSplit:
-    """The group split a model needs for `mesh`: its `model` axis."""
-    return GroupSplit(MODEL, mesh.shape[MODEL])

@@ -9,19 +9,23 @@ layer's input depends on its batch through the BatchNorms before it, as in train
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+import itertools
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
 from flax import traverse_util
 
-__all__ = ["precise_batch_stats"]
+from gconv import data as data_lib
+from gconv import parallel
+
+__all__ = ["precise_batch_stats", "recompute"]
 
 
 def precise_batch_stats(model: nn.Module, params: Any, batch_stats: Any, batches: Iterable[dict]) -> Any:
     """The `batch_stats` tree recomputed over `batches` (each `image: (n_b, H, W, C)`), with the structure and
-    shardings of `batch_stats`. `model` is the whole model (BatchNorm synchronisation off: the arrays are global)."""
-    model = model.clone(bn_momentum=0.0, axis_name=None)
+    shardings of `batch_stats`. `model` is the global model."""
+    model = model.clone(bn_momentum=0.0)
 
     @jax.jit
     def moments(images):
@@ -49,3 +53,21 @@ def precise_batch_stats(model: nn.Module, params: Any, batch_stats: Any, batches
         mean = first[layer] / count
         flat[layer + ("mean",)], flat[layer + ("var",)] = mean, second[layer] / count - mean * mean
     return jax.device_put(traverse_util.unflatten_dict(flat), jax.tree.map(lambda x: x.sharding, batch_stats))
+
+
+def recompute(config: Any, p: Any, place: Callable) -> Callable | None:
+    """A train state -> the state with BN statistics over the run's `precise_bn_images` fixed training images (the
+    first batches of its seed's order); None when it is off. `p`: the run's program (gconv.train)."""
+    if config.get("precise_bn_images", 0) <= 0:
+        return None
+    batch_size = config.data.batch_size
+
+    def recompute_state(state: Any) -> Any:
+        images = itertools.islice(data_lib.train_batches(
+            p.train_source, p.info, batch_size, seed=config.seed, start_step=0, augment=config.data.augment,
+            num_workers=config.data.num_workers, **parallel.input_shard(p.mesh)), -(-config.precise_bn_images //
+                                                                                  batch_size))
+        return state.replace(batch_stats=precise_batch_stats(p.model, state.params, state.batch_stats,
+                                                                         map(place, images)))
+
+    return recompute_state

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -85,20 +86,24 @@ def preflight(config: ml_collections.ConfigDict) -> None:
     jnp.dtype(config.model.get("dtype", "float32"))
     model = model_from_config(config.model, 10)
     model_size = mesh.shape[parallel.MODEL]
-    if config.parallel not in ("shard_map", "pmap") or (config.parallel == "pmap" and model_size > 1):
-        raise ValueError(f"parallel={config.parallel!r} with mesh.model={model_size}: use 'shard_map' "
+    if config.parallel not in ("jit", "pmap") or (config.parallel == "pmap" and model_size > 1):
+        raise ValueError(f"parallel={config.parallel!r} with mesh.model={model_size}: use 'jit' "
                          f"('pmap' runs data parallel only, mesh.model=1).")
-    if model_size > 1:
-        parallel.group_parallel_rules(model)
+    rules, fsdp = parallel.sharding_rules(config.sharding, model, mesh)
+    if rules and not config.sharding.rules:
         groups = family_of(model).groups_of(model)
         if groups % model_size:
             raise ValueError(f"{family_of(model).name_of(model)} has {groups} group(s), not divisible by "
                              f"mesh.model={model_size}: group parallelism splits whole groups; run the points whose "
                              f"groups divide {model_size} (--point), or use --config.mesh.model=1.")
     for split in ("train", "eval"):
-        source, _ = data_lib.get_source(config.data, split)
+        source, info = data_lib.get_source(config.data, split)
         if split == "train" and config.data.batch_size > len(source):
             raise ValueError(f"data.batch_size={config.data.batch_size} is larger than the {len(source)} training "
                              f"examples of {config.data.name!r}: use at most {len(source)}.")
+    if mesh.size > 1:  # every sharding rule used, every split dividing
+        model = model_from_config(config.model, info.num_classes)
+        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + info.image_shape)))
+        parallel.partition_specs(shapes["params"], rules, mesh, fsdp)
     if config.init_from:
         _check_init_from(config)

@@ -6,6 +6,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax import lax
 
@@ -300,16 +301,16 @@ def test_members_spread_over_devices_equal_members_on_one(cli, experiment, seque
 
 
 def test_grad_norm_is_exact_under_group_parallel(rng):
-    """`split_norm` sums every device's shard of the split parameters: the norm of the whole model's gradient."""
+    """The global norm of a gradient split over `model` as the group rules say: every device's shard counted."""
     model = create_model("resnext11_8x4d", num_classes=10, stage_sizes=(1, 1, 1))
-    specs = parallel.partition_specs(train.abstract_train_state(model, train.create_optimizer(
-        base_config().optim, 10, 100)[0], (16, 16, 3)), parallel.group_parallel_rules(model))
     mesh = parallel.make_mesh({"data": 1, "model": 4})
-    grads = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), jnp.float32),
-                         jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]))
-    placed = parallel.shard_state(grads, mesh, specs.params)
-    norm = jax.jit(jax.shard_map(parallel.split_norm(specs.params), mesh=mesh, in_specs=(specs.params,),
-                                 out_specs=jax.sharding.PartitionSpec(), check_vma=False))(placed)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"])
+    specs = parallel.partition_specs(shapes, parallel.group_parallel_rules(model), mesh)
+    grads = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), jnp.float32), shapes)
+    placed = parallel.shard_state(grads, mesh, specs)
+    assert any(len(x.sharding.device_set) == 4 and x.addressable_shards[0].data.size < x.size
+               for x in jax.tree.leaves(placed))
+    norm = parallel.MeshStep(jax.jit(optax.tree.norm), mesh)(placed)
     n = sum(x.size for x in jax.tree.leaves(grads))
     np.testing.assert_allclose(norm, np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in
                                                  jax.tree.leaves(grads))), rtol=2 * n * U32)  # a sum of n squares

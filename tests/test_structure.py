@@ -1,5 +1,6 @@
 """One idea per file, checked: gconv's modules import each other without cycles, training does not pull in the
-report, every lowering module is registered, and only `gconv.models` indexes parameters by a family's layer names."""
+report, every lowering module is registered, only `gconv.models` indexes parameters by a family's layer names, functions
+are short and models are global programs."""
 import ast
 import pkgutil
 from pathlib import Path
@@ -126,3 +127,22 @@ def test_every_random_test_input_is_replayable():
     offenders = [f"{path.name}:{line}" for path in sorted(TESTS.glob("*.py")) if path.name != "conftest.py"
                  for line in _unseeded(path.read_text())]
     assert not offenders, f"unseeded random inputs (use the `seed` or `rng` fixture): {offenders}"
+
+
+def test_functions_are_short_and_the_loop_fits_a_screenful_or_five():
+    """No function in gconv/ longer than 80 lines; gconv/train.py (steps and loop) under 300."""
+    long = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})"
+            for path in MODULES.values() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
+    assert not long, long
+    assert len((PACKAGE / "train.py").read_text().splitlines()) < 300
+
+
+def test_models_and_layers_are_global_programs():
+    """Parallelism is declared (gconv.parallel's rules), never written into a model: no mesh axis, collective or
+    split argument in gconv/models/ or gconv/layers.py."""
+    words = ("axis_name", "GroupSplit", "psum", "all_to_all", "shard_map", "split=")
+    found = [f"{path.relative_to(PACKAGE.parent)}: {word}" for path in [*(PACKAGE / "models").glob("*.py"),
+                                                                          PACKAGE / "layers.py"]
+             for word in words if word in path.read_text()]
+    assert not found, found

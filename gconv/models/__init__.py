@@ -10,7 +10,7 @@ Names (see each family's module):
   nin_cifar, nin_cifar_{root,tree,col}{N}     gconv.models.nin: the thesis' NiN with filter-group schemes
   anynet, regnetx_{200mf,...,32gf}            gconv.models.anynet: pycls's AnyNetX (per-stage fields) and RegNetX
 A name without its defining numbers (`resnext29`) takes them as arguments (`cardinality=8, base_width=64`).
-Overrides are the model's fields (`num_classes`, `dtype`, `bn_momentum`, `axis_name`, ...); one the model does
+Overrides are the model's fields (`num_classes`, `dtype`, `bn_momentum`, ...); one the model does
 not take raises `ValueError`.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import importlib
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -81,8 +82,25 @@ def family_of(model: nn.Module | type | str) -> ModelFamily:
     for family in FAMILIES:
         if issubclass(cls, family.module):
             return family
+    if issubclass(cls, nn.Module) and not isinstance(model, str):
+        return user_family(cls)
     raise ValueError(f"{cls.__name__} is not a registered model family: register its ModelFamily in "
                      f"gconv.models.FAMILIES (see docs/models.md).")
+
+
+def user_family(cls: type) -> ModelFamily:
+    """What gconv knows of a user's own module (`model.name="package.module:Class"`): its import path as its name,
+    its scalar fields as the report's columns; no group-parallel rules (give `config.sharding` as rules), no
+    PyTorch layout, no analysis pairs."""
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    scalar = (bool, int, float, str)
+
+    def fields_of(model: nn.Module) -> dict[str, Any]:
+        return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+                if f.init and f.name not in ("parent", "name") and isinstance(getattr(model, f.name), scalar)}
+
+    return ModelFamily(name=path, module=cls, parse=lambda name: None, variants=(), name_fields=(), bare_name=path,
+                       name_of=lambda model: path, fields_of=fields_of, sweep_axis="")
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
@@ -105,10 +123,40 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     return family.module(**kwargs)
 
 
+def import_module_class(name: str) -> type:
+    """The Flax module class at an import path `"package.module:Class"`."""
+    module_name, _, attr = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"model.name={name!r}: {e}; give an importable 'package.module:Class' (on PYTHONPATH) or a "
+                         f"registered name (gconv.models.list_models()).") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"model.name={name!r} is {cls!r}, not a flax.linen.Module class.")
+    return cls
+
+
+def _user_model(name: str, kwargs: dict, num_classes: int) -> nn.Module:
+    """A user's Flax module from its import path, built with the config's other fields (and `num_classes` when it
+    has such a field); the same `__call__(x, train)` contract as gconv's models."""
+    cls = import_module_class(name)
+    fields = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
+    bad = [k for k in kwargs if k not in fields]
+    if bad:
+        raise ValueError(f"model.name={name!r} takes no field(s) {bad}; its fields are {fields}.")
+    if "dtype" in kwargs:
+        kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+    return cls(**kwargs, **({"num_classes": num_classes} if "num_classes" in fields else {}))
+
+
 def model_from_config(model_config: Mapping[str, Any], num_classes: int, **overrides: Any) -> nn.Module:
     """A config's model: `name` plus every other key as a field (`dtype` given by name). A key that the name already
-    fixes (`name="resnext29_8x64d"` with `cardinality`) is refused: say it once."""
+    fixes (`name="resnext29_8x64d"` with `cardinality`) is refused: say it once. `name` may be an import path,
+    `"package.module:Class"`: a Flax module of the user's own."""
     name = model_config["name"]
+    if ":" in name:
+        return _user_model(name, {**{k: v for k, v in model_config.items() if k != "name"}, **overrides},
+                           num_classes)
     family, fixed = _lookup(name)
     twice = sorted(k for k in model_config if k in fixed and k in family.name_fields)
     if twice:

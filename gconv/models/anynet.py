@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from gconv.collectives import MODEL, NO_SPLIT, GroupSplit
+from gconv.ops.partition import MODEL
 from gconv.models.common import ClassifierNet, ModelFamily, Stage, max_pool_3x3_s2
 from gconv.models.resnext import ResNeXtBottleneck
 
@@ -43,7 +43,6 @@ class AnyNet(ClassifierNet):
     group_widths: Sequence[int]
     stem: str = "simple"
     stem_width: int = 32
-    group_split: GroupSplit = NO_SPLIT
 
     def stage_shapes(self) -> list[tuple[int, int]]:
         """(bottleneck channels, groups) of each stage's grouped 3x3; raises `ValueError` naming an incompatible
@@ -67,7 +66,7 @@ class AnyNet(ClassifierNet):
         if self.stem not in STEMS:
             raise ValueError(f"stem={self.stem!r}: use one of {STEMS}.")
         shapes = self.stage_shapes()
-        conv, norm = self.factories(train, self.group_split)
+        conv, norm = self.factories(train)
         kernel, stride = {"simple": (3, 2), "resnet": (7, 2), "cifar": (3, 1)}[self.stem]
         x = nn.relu(norm(name="stem_bn")(conv(self.stem_width, kernel, strides=stride, name="stem_conv")(x)))
         if self.stem == "resnet":

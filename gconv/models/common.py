@@ -1,5 +1,5 @@
 """Pieces every model family shares: the `ModelFamily` record that registers it, the fields and factories of a
-classifier (conv with its group split, BatchNorm), a stage of blocks, PyTorch-style pooling and the head."""
+classifier (conv, BatchNorm), a stage of blocks, PyTorch-style pooling and the head."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gconv.collectives import NO_SPLIT, GroupSplit
 from gconv.layers import GroupedConv
 
 ModuleDef = Callable[..., nn.Module]
@@ -82,40 +81,20 @@ def torch_padding(kernel: int, dilation: int = 1) -> tuple[tuple[int, int], tupl
     return ((p, p), (p, p))
 
 
-def conv_factory(dtype: Any, param_dtype: Any, group_split: GroupSplit = NO_SPLIT) -> ModuleDef:
-    """Bias-free grouped conv with PyTorch's padding: `conv(features, k, groups=1, strides=1, split=None, name=...)`.
+def conv_factory(dtype: Any, param_dtype: Any) -> ModuleDef:
+    """Bias-free grouped conv with PyTorch's padding: `conv(features, k, groups=1, strides=1, name=...)`."""
 
-    `features` and `groups` are the whole layer's; under group parallelism (`group_split` active) `split` says
-    where the conv sits: "column" (replicated input, this device's block of output channels), "local" (this
-    device's block in and out: its share of the groups) or "row" (this device's input block, outputs summed over
-    the devices). Without a split every conv is the whole layer.
-    """
-
-    def conv(features: int, kernel: int, *, groups: int = 1, strides: int = 1, split: str | None = None,
-             name: str) -> Callable[[jax.Array], jax.Array]:
-        if split not in (None, "column", "local", "row"):
-            raise ValueError(f"split={split!r}: use None, 'column', 'local' or 'row'.")
-        if split in ("column", "local"):
-            features = group_split.local(features, f"{name} channels")
-        if split == "local":
-            groups = group_split.local(groups, f"{name} groups")
-        layer = GroupedConv(features, (kernel, kernel), groups=groups, strides=strides,
-                            padding=torch_padding(kernel), use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                            name=name)
-        if split == "column":
-            return lambda x: layer(group_split.copy_in(x))
-        if split == "row":
-            return lambda x: group_split.reduce(layer(x))
-        return layer
+    def conv(features: int, kernel: int, *, groups: int = 1, strides: int = 1, name: str) -> nn.Module:
+        return GroupedConv(features, (kernel, kernel), groups=groups, strides=strides, padding=torch_padding(kernel),
+                           use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name)
 
     return conv
 
 
-def norm_factory(train: bool, momentum: float, epsilon: float, dtype: Any, param_dtype: Any,
-                 axis_name: str | None) -> ModuleDef:
-    """BatchNorm with batch statistics in training (synchronised over `axis_name` when set)."""
+def norm_factory(train: bool, momentum: float, epsilon: float, dtype: Any, param_dtype: Any) -> ModuleDef:
+    """BatchNorm with batch statistics in training (over the whole global batch, however it is sharded)."""
     return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon,
-                             dtype=dtype, param_dtype=param_dtype, axis_name=axis_name)
+                             dtype=dtype, param_dtype=param_dtype)
 
 
 class ClassifierNet(nn.Module, kw_only=True):
@@ -125,16 +104,15 @@ class ClassifierNet(nn.Module, kw_only=True):
     param_dtype: Any = jnp.float32
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
-    axis_name: str | None = None  # the batch axis BatchNorm synchronises over (data parallel)
 
-    def factories(self, train: bool, group_split: GroupSplit = NO_SPLIT) -> tuple[ModuleDef, ModuleDef]:
-        """`(conv, norm)` bound to this model's dtypes, BN settings and group split."""
-        return (conv_factory(self.dtype, self.param_dtype, group_split),
-                norm_factory(train, self.bn_momentum, self.bn_epsilon, self.dtype, self.param_dtype, self.axis_name))
+    def factories(self, train: bool) -> tuple[ModuleDef, ModuleDef]:
+        """`(conv, norm)` bound to this model's dtypes and BN settings."""
+        return (conv_factory(self.dtype, self.param_dtype),
+                norm_factory(train, self.bn_momentum, self.bn_epsilon, self.dtype, self.param_dtype))
 
-    def head(self, x: jax.Array, group_split: GroupSplit = NO_SPLIT) -> jax.Array:
+    def head(self, x: jax.Array) -> jax.Array:
         """Global average pool + dense head: `(N, H, W, C) -> (N, num_classes)` float32 logits."""
-        return classifier(x, self.num_classes, self.dtype, self.param_dtype, group_split)
+        return classifier(x, self.num_classes, self.dtype, self.param_dtype)
 
 
 def torch_namer(top: dict[str, str], inner: Callable[[int, int, str], str]) -> Callable[[LayerPath], str]:
@@ -198,23 +176,8 @@ def avg_pool_3x3_s2(x: jax.Array) -> jax.Array:
     return sum(_shifted_windows(x, 0.0)) / jnp.asarray(9, x.dtype)
 
 
-class RowParallelDense(nn.Dense):
-    """`nn.Dense` over features split as `group_split` says: local partial products, one `psum`, then the bias."""
-    group_split: GroupSplit = NO_SPLIT
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return self.group_split.reduce(x @ kernel) + bias
-
-
-def classifier(x: jax.Array, num_classes: int, dtype: Any, param_dtype: Any,
-               group_split: GroupSplit = NO_SPLIT) -> jax.Array:
-    """Global average pool + dense head. `x: (N, H, W, C) -> (N, num_classes)` float32 logits. With an active
-    `group_split`, `x` holds this device's block of channels and the head is row-parallel."""
+def classifier(x: jax.Array, num_classes: int, dtype: Any, param_dtype: Any) -> jax.Array:
+    """Global average pool + dense head. `x: (N, H, W, C) -> (N, num_classes)` float32 logits."""
     x = jnp.mean(x, axis=(1, 2))
-    dense = functools.partial(RowParallelDense, group_split=group_split) if group_split.active else nn.Dense
-    x = dense(num_classes, dtype=dtype, param_dtype=param_dtype, name="head")(x)
+    x = nn.Dense(num_classes, dtype=dtype, param_dtype=param_dtype, name="head")(x)
     return x.astype(jnp.float32)

@@ -21,7 +21,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from gconv.collectives import MODEL, NO_SPLIT, GroupSplit
+from gconv.ops.partition import MODEL
 from gconv.models.common import ClassifierNet, ModelFamily, ModuleDef, Stage, max_pool_3x3_s2, torch_namer
 
 EXPANSION = 4
@@ -32,10 +32,6 @@ class ResNeXtBottleneck(nn.Module):
 
     `x: (N, H, W, C_in) -> (N, H / strides, W / strides, 4 * planes)`; the shortcut is a 1x1 conv + BN projection
     when the shape changes.
-
-    Under group parallelism (the parent's `conv` carries the split) each device holds its share of the groups: the
-    reduce 1x1 is column-parallel, the grouped 3x3 and its BNs are local, the expand 1x1 is row-parallel (one
-    `psum` per block). Activations outside the block are replicated.
     """
     planes: int
     width: int  # channels of the grouped 3x3: cardinality * d
@@ -49,11 +45,10 @@ class ResNeXtBottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         out_features = self.features or self.planes * EXPANSION
-        y = nn.relu(self.norm(name="bn_reduce")(self.conv(self.width, 1, split="column", name="conv_reduce")(x)))
-        y = self.conv(self.width, 3, groups=self.cardinality, strides=self.strides, split="local",
-                      name="conv_group")(y)
+        y = nn.relu(self.norm(name="bn_reduce")(self.conv(self.width, 1, name="conv_reduce")(x)))
+        y = self.conv(self.width, 3, groups=self.cardinality, strides=self.strides, name="conv_group")(y)
         y = nn.relu(self.norm(name="bn_group")(y))
-        y = self.conv(out_features, 1, split="row", name="conv_expand")(y)
+        y = self.conv(out_features, 1, name="conv_expand")(y)
         scale_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
         y = self.norm(scale_init=scale_init, name="bn_expand")(y)
         shortcut = x
@@ -76,13 +71,12 @@ class ResNeXt(ClassifierNet):
     base_planes: int = 64
     zero_init_last_bn: bool = False
     stage_groups: Sequence[int] = ()  # groups of each stage's 3x3 at the width of C = 1 (root networks); () = C
-    group_split: GroupSplit = NO_SPLIT  # group parallel: see ResNeXtBottleneck and gconv.parallel
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if self.stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem={self.stem!r}: expected 'imagenet' or 'cifar'.")
-        conv, norm = self.factories(train, self.group_split)
+        conv, norm = self.factories(train)
         imagenet = self.stem == "imagenet"
         x = conv(self.stem_features, 7 if imagenet else 3, strides=2 if imagenet else 1, name="stem_conv")(x)
         x = nn.relu(norm(name="stem_bn")(x))

@@ -14,9 +14,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gconv.collectives import MODEL, NO_SPLIT, GroupSplit
+from gconv import ops
 from gconv.models.common import (ClassifierNet, ModelFamily, ModuleDef, Stage, avg_pool_3x3_s2, max_pool_3x3_s2,
                                  torch_namer)
+from gconv.ops.partition import MODEL
 
 # Table 1 of the ShuffleNet paper: stage-2 output channels at 1x for each number of groups.
 STAGE2_CHANNELS = {1: 144, 2: 200, 3: 240, 4: 272, 8: 384}
@@ -66,10 +67,6 @@ class ShuffleUnit(nn.Module):
 
     Stride 2 concatenates a 3x3/2 average-pooled shortcut (so the branch produces `out_features - C_in` channels);
     stride 1 adds the identity; ReLU after either. `x: (N, H, W, C_in) -> (N, H / strides, W / strides, out)`.
-
-    Under group parallelism (`group_split` active, and the parent's `conv` carrying it) channels are split in
-    contiguous blocks, so each device holds `groups / size` whole groups and the unit is local except for its
-    channel shuffle, one `all_to_all`. Stride-2 units gather their concatenation to keep the unsplit channel order.
     """
     out_features: int
     groups: int
@@ -78,31 +75,20 @@ class ShuffleUnit(nn.Module):
     strides: int = 1
     group_first: bool = True  # False for stage 2's first unit, whose 24-channel input is too thin to group
     shuffle: bool = True
-    group_split: GroupSplit = NO_SPLIT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        split = self.group_split
-        # Split, a unit's input is this device's channel block, except stage 2's first unit's (the stem output).
-        c_in = x.shape[-1] * (split.size if self.group_first else 1)
         mid = self.out_features // 4
-        branch_out = self.out_features - c_in if self.strides == 2 else self.out_features
-        y = self.conv(mid, 1, groups=self.groups if self.group_first else 1,
-                      split="local" if self.group_first else "column", name="compress_conv")(x)
+        branch_out = self.out_features - x.shape[-1] if self.strides == 2 else self.out_features
+        y = self.conv(mid, 1, groups=self.groups if self.group_first else 1, name="compress_conv")(x)
         y = nn.relu(self.norm(name="compress_bn")(y))
         if self.shuffle:
-            y = split.shuffle(y, self.groups)
-        y = self.norm(name="dw_bn")(self.conv(mid, 3, groups=mid, strides=self.strides, split="local",
-                                              name="dw_conv")(y))
-        y = self.norm(name="expand_bn")(self.conv(branch_out, 1, groups=self.groups, split="local",
-                                                  name="expand_conv")(y))
+            y = ops.channel_shuffle(y, self.groups)
+        y = self.norm(name="dw_bn")(self.conv(mid, 3, groups=mid, strides=self.strides, name="dw_conv")(y))
+        y = self.norm(name="expand_bn")(self.conv(branch_out, 1, groups=self.groups, name="expand_conv")(y))
         if self.strides == 1:
             return nn.relu(y + x)
-        if self.group_first:
-            pooled = split.gather(avg_pool_3x3_s2(x))
-        else:  # the whole stem output, on every device: its gradient is summed over them, as the compress conv's
-            pooled = avg_pool_3x3_s2(split.copy_in(x))
-        return nn.relu(split.scatter(jnp.concatenate([split.gather(y), pooled], axis=-1)))
+        return nn.relu(jnp.concatenate([y, avg_pool_3x3_s2(x)], axis=-1))
 
 
 class ShuffleNetV1(ClassifierNet):
@@ -111,20 +97,18 @@ class ShuffleNetV1(ClassifierNet):
     width_multiplier: float = 1.0
     shuffle: bool = True
     stage_sizes: Sequence[int] = STAGE_SIZES
-    group_split: GroupSplit = NO_SPLIT  # group parallel: see ShuffleUnit and gconv.parallel
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         stem, stages = shufflenet_v1_channels(self.groups, self.width_multiplier)
-        conv, norm = self.factories(train, self.group_split)
+        conv, norm = self.factories(train)
         x = conv(stem, 3, strides=2, name="stem_conv")(x)
         x = max_pool_3x3_s2(nn.relu(norm(name="stem_bn")(x)))
         for i, (num_units, features) in enumerate(zip(self.stage_sizes, stages)):
-            unit = functools.partial(ShuffleUnit, features, self.groups, conv, norm, shuffle=self.shuffle,
-                                     group_split=self.group_split)
+            unit = functools.partial(ShuffleUnit, features, self.groups, conv, norm, shuffle=self.shuffle)
             first = functools.partial(unit, group_first=False) if i == 0 else None
             x = Stage(unit, num_units, prefix="unit", first=first, name=f"stage{i + 2}")(x)
-        return self.head(x, self.group_split)
+        return self.head(x)
 
 
 # --- the family: names, PyTorch layout, group-parallel rules, analysis -------------------------------------------

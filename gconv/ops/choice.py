@@ -114,17 +114,24 @@ def tuned_impls(x: jax.Array, kernel: jax.Array, groups: int, nd: int, kwargs: d
         return arrays
 
     def measure_forward(impl: str) -> float:
-        with jax.ensure_compile_time_eval():  # run now, even while an outer jit is tracing
+        with _now():
             return autotune.time_call(jax.jit(conv(impl)), *inputs()[:2])
 
     def measure_backward(impl: str) -> float:
         backward = jax.jit(lambda a, w, g: jax.vjp(conv(impl), a, w)[1](g))
-        with jax.ensure_compile_time_eval():
+        with _now():
             return autotune.time_call(backward, *inputs())
 
     forward = autotune.pick("forward " + key, candidates, measure_forward, default, lowering_table.lookup)
     backward = autotune.pick("backward " + key, candidates, measure_backward, default, lowering_table.lookup)
     return forward, backward
+
+
+@contextlib.contextmanager
+def _now() -> Iterator[None]:
+    """Run now, on one device, even while an outer jit is tracing (inside a `shard_map` over a mesh too)."""
+    with jax.ensure_compile_time_eval(), jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        yield
 
 
 def forward_backward(fwd_impl: str, bwd_impl: str, groups: int, nd: int, kwargs: dict):

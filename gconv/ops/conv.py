@@ -8,6 +8,7 @@ from jax import lax
 from gconv.ops import choice
 from gconv.ops.args import IntOrSeq, Padding, check_conv_args, normalize_padding, per_dim
 from gconv.ops.lowerings import LOWERINGS, lower
+from gconv.ops.partition import partitioned_conv
 
 __all__ = ["IMPLS", "grouped_conv", "grouped_conv_reference"]
 
@@ -42,6 +43,8 @@ def grouped_conv(
         GPU, the interpreter elsewhere; 2-D only) or "auto" (default: the fastest for this shape, dtype and
         backend, measured once and cached, forward and backward chosen separately; see `gconv.ops.choice`; with
         `GCONV_AUTOTUNE=0` the deterministic `static_impl` rule).
+    Under `jax.set_mesh` the op splits itself over the mesh's `data` and `model` axes (`gconv.ops.partition`):
+    the lowering sees one device's images and groups.
     Returns:
       `(N, *spatial_out, C_out)`.
     """
@@ -51,14 +54,18 @@ def grouped_conv(
     kwargs = dict(strides=per_dim(strides, nd, "strides"), padding=normalize_padding(padding, nd),
                   dilation=per_dim(dilation, nd, "dilation"), precision=precision,
                   preferred_element_type=preferred_element_type)
-    if impl != "auto":
-        return lower(impl, x, kernel, groups, nd, **kwargs)
-    fwd_impl, bwd_impl = choice.tuned_impls(x, kernel, groups, nd, kwargs)
-    if choice.member_count() > 1 and choice.member_loop():
-        return choice.per_member(fwd_impl, bwd_impl, groups, nd, kwargs)(x, kernel)
-    if fwd_impl == bwd_impl:
-        return lower(fwd_impl, x, kernel, groups, nd, **kwargs)
-    return choice.forward_backward(fwd_impl, bwd_impl, groups, nd, kwargs)(x, kernel)
+
+    def local(x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:  # one device's images and groups
+        if impl != "auto":
+            return lower(impl, x, kernel, groups, nd, **kwargs)
+        fwd_impl, bwd_impl = choice.tuned_impls(x, kernel, groups, nd, kwargs)
+        if choice.member_count() > 1 and choice.member_loop():
+            return choice.per_member(fwd_impl, bwd_impl, groups, nd, kwargs)(x, kernel)
+        if fwd_impl == bwd_impl:
+            return lower(fwd_impl, x, kernel, groups, nd, **kwargs)
+        return choice.forward_backward(fwd_impl, bwd_impl, groups, nd, kwargs)(x, kernel)
+
+    return partitioned_conv(local, x, kernel, groups)
 
 
 def grouped_conv_reference(x: jax.Array, kernel: jax.Array, groups: int, **conv_args) -> jax.Array:

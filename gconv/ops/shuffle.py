@@ -1,10 +1,13 @@
 """ShuffleNet's channel shuffle and its inverse: a reshape and a transpose."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from gconv.ops.args import as_groups
+from gconv.ops.partition import partitioned_shuffle
 
 __all__ = ["channel_shuffle", "channel_unshuffle", "shuffle_permutation"]
 
@@ -39,8 +42,14 @@ def channel_shuffle(x: jax.Array, groups: int, axis: int = -1) -> jax.Array:
     input channel `g * C // groups + i`. `x: (..., C, ...)` with C on `axis`; shape is unchanged.
     """
     axis = _channel_axis(x, axis)
+    groups = _check_shuffle(x.shape[axis], groups)
+    if axis == x.ndim - 1 and x.ndim > 1:  # channels last: split over the mesh traced under (gconv.ops.partition)
+        return partitioned_shuffle(functools.partial(_shuffle, axis=axis), x, groups)
+    return _shuffle(x, groups, axis)
+
+
+def _shuffle(x: jax.Array, groups: int, axis: int) -> jax.Array:
     channels = x.shape[axis]
-    groups = _check_shuffle(channels, groups)
     shape = x.shape
     x = x.reshape(shape[:axis] + (groups, channels // groups) + shape[axis + 1:])
     x = jnp.swapaxes(x, axis, axis + 1)

@@ -1,0 +1,79 @@
+"""Training speed of gconv's parallel setups, before and after a change, side by side in one run.
+
+    python bench/parallel.py [--before REV] [--steps 60] [--repeats 3] [--json OUT]
+
+`REV` (default: the commit before the one that made parallelism declared) is checked out beside the working tree
+(`git worktree`, removed at the end). For each setup, `launch.py` trains the default experiment's local point c2
+on 8 simulated CPU devices with each tree in turn, interleaved `--repeats` times; a run's speed is its summary's
+`img_per_sec` (the median over its log intervals after the first, which includes compilation). Prints the median
+steps/s of each side and the ratio after / before.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BEFORE = "8f35f15"  # the last commit with models that split themselves (shard_map steps)
+BATCH = 64
+SETUPS = {  # name: launch.py overrides
+    "one device": ["--config.mesh.data=1"],
+    "data=8": ["--config.mesh.data=8"],
+    "data=4 x model=2": ["--config.mesh.data=4", "--config.mesh.model=2"],
+    "members K=4 (member=4 x data=2)": ["--config.members=on", "--config.seeds=4", "--config.mesh.member=4",
+                                        "--config.mesh.data=2"],
+}
+
+
+def _speed(tree: Path, overrides: list[str], steps: int, workdir: Path) -> float:
+    """Steps per second of one `launch.py` run in `tree` (members: the group's steps, K runs each)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "GCONV_AUTOTUNE": "0", "PYTHONPATH": str(tree)}
+    args = [sys.executable, "launch.py", "--config", "experiments/default.py:local", "--point", "c2",
+            "--skip_analysis", "--workdir", str(workdir), f"--config.num_steps={steps}",
+            f"--config.data.batch_size={BATCH}", "--config.log_every_steps=10", f"--config.eval_every_steps={steps}",
+            f"--config.checkpoint_every_steps={steps}", *overrides]
+    with open(workdir.parent / f"{workdir.name}.log", "w") as log:
+        subprocess.run(args, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    summaries = sorted(workdir.glob("*/summary.json"))
+    return statistics.mean(json.loads(s.read_text())["img_per_sec"] for s in summaries) / BATCH
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", default=BEFORE)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="gconv-bench-parallel-") as tmp:
+        before = Path(tmp) / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", str(before), args.before], cwd=ROOT, check=True,
+                       capture_output=True)
+        try:
+            rows = {}
+            for name, overrides in SETUPS.items():
+                speeds = {"before": [], "after": []}
+                for r in range(args.repeats):
+                    for side, tree in (("before", before), ("after", ROOT)):
+                        workdir = Path(tmp) / f"{side}-{len(rows)}-{r}"
+                        speeds[side].append(_speed(tree, overrides, args.steps, workdir))
+                b, a = statistics.median(speeds["before"]), statistics.median(speeds["after"])
+                rows[name] = {"before": b, "after": a, "ratio": a / b, "runs": speeds}
+                print(f"{name:34s} before {b:7.2f} steps/s   after {a:7.2f} steps/s   after/before {a / b:.3f}",
+                      flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, check=False)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""A user's own Flax module (`tests/user_nets.py`: `GroupedConv`, `nn.Dense`, `nn.BatchNorm`, no parallel code),
+trained by `launch.py` through its import path on 8 simulated devices: data parallel, group parallel by rules in
+the config, and FSDP, each equal to one device."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, launch_here
+from gconv.metrics_log import read_metrics
+from tolerance import step_rtol
+
+CONFIG = str(ROOT / "tests" / "user_config.py")
+SETUPS = {  # name: (config variant, overrides)
+    "one device": ("", ["--config.mesh.data=1"]),
+    "data=8": ("", ["--config.mesh.data=8"]),
+    "data=4 x model=2": (":group", ["--config.mesh.data=4", "--config.mesh.model=2"]),
+    "fsdp over data=8": ("", ["--config.mesh.data=8", "--config.sharding.strategy=fsdp"]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = {}
+    for name, (variant, overrides) in SETUPS.items():
+        workdir = tmp_path_factory.mktemp("user")
+        launch_here("--config", CONFIG + variant, "--workdir", str(workdir), "--skip_analysis", *overrides)
+        out[name] = workdir / "run"
+    return out
+
+
+@pytest.mark.parametrize("setup", [s for s in SETUPS if s != "one device"])
+def test_a_users_module_trains_on_8_devices_as_on_one(runs, setup):
+    one = read_metrics(runs["one device"] / "metrics.jsonl")
+    many = read_metrics(runs[setup] / "metrics.jsonl")
+    losses = [(r["step"], r["train_loss"]) for r in one if "train_loss" in r]
+    assert [s for s, _ in losses] == [1, 2, 3]
+    # Each step's sums in another order: step_rtol per step (BN's sums over batch 16 x 32 x 32 positions), the
+    # differences of earlier steps carried into later ones through the parameters (at most once per step).
+    for (step, want), got in zip(losses, [r["train_loss"] for r in many if "train_loss" in r]):
+        np.testing.assert_allclose(got, want, rtol=step * step_rtol(16 * 32 * 32), err_msg=f"{setup}, step {step}")
+    summary = json.loads((runs[setup] / "summary.json").read_text())
+    assert summary["model"] == "user_nets:TinyResNeXt" and summary["fields"]["cardinality"] == 4
