@@ -1,9 +1,9 @@
 """Training speed of gconv's parallel setups, before and after a change, side by side in one run.
 
-    python bench/parallel.py [--before REV] [--steps 60] [--repeats 3] [--json OUT]
+    python bench/parallel.py [--before REV] [--after REV] [--steps 60] [--repeats 3] [--json OUT]
 
-`REV` (default: the commit before the one that made parallelism declared) is checked out beside the working tree
-(`git worktree`, removed at the end). For each setup, `launch.py` trains the default experiment's local point c2
+`--before` (default: the commit before the one that made parallelism declared) is checked out beside the working
+tree (`git worktree`, removed at the end); so is `--after` when given (default: the working tree itself). For each setup, `launch.py` trains the default experiment's local point c2
 on 8 simulated CPU devices with each tree in turn, interleaved `--repeats` times; a run's speed is its summary's
 `img_per_sec` (the median over its log intervals after the first, which includes compilation). Prints the median
 steps/s of each side and the ratio after / before.
@@ -48,20 +48,23 @@ def _speed(tree: Path, overrides: list[str], steps: int, workdir: Path) -> float
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default=BEFORE)
+    parser.add_argument("--after", help="a revision instead of the working tree")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gconv-bench-parallel-") as tmp:
-        before = Path(tmp) / "before"
-        subprocess.run(["git", "worktree", "add", "--detach", str(before), args.before], cwd=ROOT, check=True,
-                       capture_output=True)
+        before, after = Path(tmp) / "before", Path(tmp) / "after" if args.after else ROOT
+        for tree, rev in ((before, args.before), (after, args.after)):
+            if tree != ROOT:
+                subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, check=True,
+                               capture_output=True)
         try:
             rows = {}
             for name, overrides in SETUPS.items():
                 speeds = {"before": [], "after": []}
                 for r in range(args.repeats):
-                    for side, tree in (("before", before), ("after", ROOT)):
+                    for side, tree in (("before", before), ("after", after)):
                         workdir = Path(tmp) / f"{side}-{len(rows)}-{r}"
                         speeds[side].append(_speed(tree, overrides, args.steps, workdir))
                 b, a = statistics.median(speeds["before"]), statistics.median(speeds["after"])
@@ -69,7 +72,8 @@ def main() -> int:
                 print(f"{name:34s} before {b:7.2f} steps/s   after {a:7.2f} steps/s   after/before {a / b:.3f}",
                       flush=True)
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, check=False)
+            for tree in {before, after} - {ROOT}:
+                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

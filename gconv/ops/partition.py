@@ -12,7 +12,10 @@ only when its channels are sharded over every partition.
   also needs the group size to divide, then it is one `all_to_all`);
 - members: a step `vmap`ped with `spmd_axis_name="member"` adds the member axis to these specs itself.
 
-Dense convolutions (`groups == 1`) are left to XLA, which partitions them without gathering activations.
+Dense convolutions (`groups == 1`) are split over the batch too, except on a mesh with a `model` axis, where they
+may be column- or row-parallel (a kernel split over `model`) and are left to XLA, which partitions them without
+gathering activations. (Inside a `vmap` over members whose axis is split over the mesh, an op outside a
+`shard_map` would slice each member out of the split axis: per-member lowerings then gather every member.)
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ def _placed(x: jax.Array, spec: P) -> jax.Array:
 
 def partitioned_conv(conv: Callable, x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
     """`conv(x, kernel, groups)` (a grouped conv's lowering) over this device's images and groups."""
-    if groups == 1:
+    if groups == 1 and mesh_sizes().get(MODEL, 1) > 1:  # a dense conv may be column- or row-parallel: XLA's
         return conv(x, kernel, groups)
     b, c, size = _axes(x.shape[0], groups)
     if b is None and c is None:
