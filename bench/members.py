@@ -28,7 +28,7 @@ from gconv.ops import choice
 def bench(name: str, image: tuple[int, ...], batch: int, counts: list[int], steps: int, warmup: int) -> list[dict]:
     config = base_config()
     model = create_model(name, num_classes=10)
-    tx, schedule = train.create_optimizer(config.optim, 100, 10_000)
+    tx, _ = train.create_optimizer(config.optim, 100, 10_000)
     rng = np.random.default_rng(0)
     rows = []
     for k in counts:
@@ -36,8 +36,8 @@ def bench(name: str, image: tuple[int, ...], batch: int, counts: list[int], step
         batches = {"image": jnp.asarray(rng.standard_normal((k, batch) + image), jnp.float32),
                    "label": jnp.asarray(rng.integers(0, 10, (k, batch)), jnp.int32)}
         step = jax.jit(functools.partial(
-            members.member_train_step, step=functools.partial(train.train_step, model=model), optim=config.optim,
-            schedules=[schedule] * k, hyper=members.hyper_table([config] * k)), donate_argnums=0)
+            members.member_train_step, step=functools.partial(train.train_step, model=model, tx=tx),
+            label_smoothing=np.zeros(k, np.float32)), donate_argnums=0)
         start = time.perf_counter()
         compiled = step.lower(state, batches).compile()
         compile_s = time.perf_counter() - start

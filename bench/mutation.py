@@ -38,8 +38,8 @@ MUTANTS = [
      ["tests/test_train.py", "tests/test_faults.py"]),
     ("lock create", "self.store.write(self.name, data, if_equal=generation)", "self.store.write(self.name, data)",
      ["tests/test_runlock.py"]),
-    ("member hyperparameters", "np.asarray([c.optim[k] for c in configs], np.float32)",
-     "np.asarray([configs[0].optim[k] for c in configs], np.float32)", ["tests/test_members.py"]),
+    ("member hyperparameters", "hyper = jax.tree.map(lambda *v: np.stack(v), *[hyperparams(run.config.optim,",
+     "hyper = jax.tree.map(lambda *v: np.stack(v), *[hyperparams(runs[0].config.optim,", ["tests/test_members.py"]),
     ("sharding rule", '(r"conv_expand/kernel", (None, None, MODEL, None)),  # input rows',
      '(r"conv_expand/kernel", (None, None, None, None)),  # input rows', ["tests/test_parallel.py"]),
 ]

@@ -14,7 +14,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -37,12 +36,12 @@ def _timed(step, steps: int) -> float:
 def bench(name: str, image: tuple[int, ...], batch: int, steps: int, rounds: int) -> list[dict]:
     config = base_config()
     definition = create_model(name, num_classes=10)
-    tx, schedule = create_optimizer(config.optim, steps_per_epoch=100, total_steps=10_000)
+    tx, _ = create_optimizer(config.optim, steps_per_epoch=100, total_steps=10_000)
     state = train.create_train_state(definition, tx, image, 0)
     key = jax.random.key(0)
     data = {"image": jax.random.normal(key, (batch, *image)), "label": jax.random.randint(key, (batch,), 0, 10)}
 
-    linen_step = jax.jit(lambda s, b: train.train_step(s, b, model=definition, tx=tx, schedule=schedule))
+    linen_step = jax.jit(lambda s, b: train.train_step(s, b, model=definition, tx=tx))
     linen = {"state": state}
 
     def run_linen():

@@ -5,7 +5,8 @@ learning rate and its schedule, weight decay, momentum, label smoothing), are K 
 groups them (`group_runs`) and `gconv.train.train_members` trains each group: the K states are stacked and the
 train step is `vmap`ped over them, so the step, the evaluation and the initialisation compile once for K runs and
 step together. Each member keeps its own init key, data order and augmentation, BatchNorm statistics, optimizer
-state, learning-rate schedule and NaN guard, and its own run directory (`POINT_seedS/`, as if it had run alone).
+state (holding its learning-rate schedule, weight decay and momentum: gconv.optim), label smoothing and NaN guard,
+and its own run directory (`POINT_seedS/`, as if it had run alone).
 
 `--config.members`: "auto" (default) joins on an accelerator and not on the CPU (see `member_limit`), "on" joins
 everywhere, "off" trains every run on its own, N joins at most N runs. Memory: K times one run's state and
@@ -24,16 +25,13 @@ import numpy as np
 
 from gconv.config import flat_items
 from gconv.ops import choice
-from gconv.optim import build_optimizer
 
-__all__ = ["JOINABLE", "HYPER", "group_runs", "member_limit", "vmap_width", "hyper_table", "member_train_step",
-           "member_eval_step"]
+__all__ = ["JOINABLE", "group_runs", "member_limit", "vmap_width", "member_train_step", "member_eval_step"]
 
 # Config keys whose values may differ between members: they change no shape and no step of the loop.
 JOINABLE = ("seed", "seeds", "members", "design_space", "paper_top1_error", "paper_top5_error",
             "optim.learning_rate", "optim.warmup_epochs", "optim.schedule", "optim.decay_epochs", "optim.decay_factor",
             "optim.weight_decay", "optim.momentum", "optim.label_smoothing")
-HYPER = ("weight_decay", "momentum", "label_smoothing")  # per-member values the step takes as arrays
 
 
 def member_limit(config: ml_collections.ConfigDict) -> int:
@@ -86,11 +84,6 @@ def group_runs(runs: Sequence[tuple[str, ml_collections.ConfigDict]]) -> list[li
     return out
 
 
-def hyper_table(configs: Sequence[ml_collections.ConfigDict]) -> dict[str, np.ndarray]:
-    """Each member's `HYPER` values, `(K,)` float32 arrays."""
-    return {k: np.asarray([c.optim[k] for c in configs], np.float32) for k in HYPER}
-
-
 def vmap_width(count: int, vmap: int = 0) -> int:
     """How many of `count` members one `vmap` computes at once: `vmap` (config `member_vmap`) when it divides
     `count`; 0: all of them. Fewer at once hold less memory (activations of `vmap` members, not `count`)."""
@@ -114,26 +107,16 @@ def _blocks(fn: Callable, xs: Any, width: int, member_axis: str | None) -> Any:
     return jax.tree.map(lambda *o: jnp.concatenate(o), *outs)
 
 
-def member_train_step(states: Any, batches: dict, *, step: Callable, optim: ml_collections.ConfigDict,
-                      schedules: Sequence[Callable], hyper: dict[str, np.ndarray], member_axis: str | None = None,
-                      vmap: int = 0, **kwargs) -> tuple[Any, dict]:
+def member_train_step(states: Any, batches: dict, *, step: Callable, label_smoothing: np.ndarray,
+                      member_axis: str | None = None, vmap: int = 0, **kwargs) -> tuple[Any, dict]:
     """`step` (gconv.train.train_step) `vmap`ped over the members: `states` with a leading member axis, `batches`
-    `(K, B, ...)`. Member i trains with its own learning rate (`schedules[i]` at the step), and `hyper`'s row i.
-    `vmap` members are computed at once (`vmap_width`), in a loop over the K / `vmap` such blocks; the member axis
-    is split over the mesh's `member_axis` when given."""
-    count = states.step.shape[0]
-    table = {"lr": jnp.stack([schedule(states.step[0]) for schedule in schedules]),
-             **{k: jnp.asarray(v) for k, v in hyper.items()}}
-
-    def one(args):
-        state, batch, h = args
-        tx = build_optimizer(optim, lambda _: h["lr"], h["weight_decay"], h["momentum"])
-        return step(state, batch, tx=tx, schedule=lambda _: h["lr"], label_smoothing=h["label_smoothing"],
-                    **kwargs)
-
-    width = vmap_width(count, vmap)
-    with choice.members(width):
-        return _blocks(one, (states, batches, table), width, member_axis)
+    `(K, B, ...)`, `label_smoothing` `(K,)`. Each member's optimizer state holds its own rates and schedule
+    (gconv.optim), so the step is the one a single run takes. `vmap` members are computed at once (`vmap_width`),
+    in a loop over the K / `vmap` such blocks; the member axis is split over the mesh's `member_axis` when given."""
+    width = vmap_width(states.step.shape[0], vmap)
+    with choice.members(width):  # the convs' lowering choice, keyed by the width (a function of the step's shapes)
+        return _blocks(lambda args: step(args[0], args[1], label_smoothing=args[2], **kwargs),
+                       (states, batches, jnp.asarray(label_smoothing)), width, member_axis)
 
 
 def member_eval_step(states: Any, batch: dict, *, step: Callable, member_axis: str | None = None, vmap: int = 0,

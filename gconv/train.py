@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
@@ -28,7 +29,7 @@ from gconv.loop import (Checkpoint, Evaluate, Guard, Log, Run, Tick, close, eval
 from gconv.config import check_config
 from gconv.convert import load_torch_weights_for
 from gconv.models import model_from_config
-from gconv.optim import create_optimizer
+from gconv.optim import create_optimizer, current_rate, hyperparams, with_hyperparams
 from gconv.preemption import StopFlag, Stopped
 from gconv.preflight import preflight
 from gconv.progress import Progress, StepProfiler
@@ -50,27 +51,30 @@ _INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
 def _init(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...]) -> Callable:
-    def init(seed: jax.Array) -> TrainState:
+    def init(seed: jax.Array, hyper: dict | None = None) -> TrainState:
         init_rng, rng = jax.random.split(jax.random.PRNGKey(seed))
         variables = model.init(init_rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))
         params = variables["params"]
+        opt_state = tx.init(params) if hyper is None else with_hyperparams(tx.init(params), hyper)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params), rng=rng)
+                          batch_stats=variables.get("batch_stats", {}), opt_state=opt_state, rng=rng)
 
     return init
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
-                       seed: int | Sequence[int], shardings: Any = None) -> TrainState:
+                       seed: int | Sequence[int], shardings: Any = None, hyper: dict | None = None) -> TrainState:
     """Parameters and BN statistics from `seed` on a `(1, *image_shape)` input. A list of seeds gives the members'
-    state (gconv.members): one per seed, stacked on a leading axis, each what its seed alone gives. `shardings`
-    (a `Sharding` or a tree of them): where the state is created, each device computing only its share."""
+    state (gconv.members): one per seed, stacked on a leading axis, each what its seed alone gives, its optimizer
+    holding its own rates (`hyper`: `gconv.optim.hyperparams`' form, each leaf stacked over the members).
+    `shardings` (a `Sharding` or a tree of them): where the state is created, each device computing only its
+    share."""
     init = _init(model, tx, image_shape)
     seeds = jnp.asarray(seed, jnp.int32)
-    lowered = jax.jit(jax.vmap(init) if seeds.ndim else init, out_shardings=shardings).lower(seeds)
+    lowered = jax.jit(jax.vmap(init) if seeds.ndim else init, out_shardings=shardings).lower(seeds, hyper)
     # Runs once: on the CPU, LLVM's -O1 halves the compile time of the unrolled random-number kernels and gives
     # the same values bit for bit (tests/test_train.py checks it).
-    return lowered.compile(_INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None)(seeds)
+    return lowered.compile(_INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None)(seeds, hyper)
 
 
 def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -85,7 +89,7 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float)
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.GradientTransformation,
-               schedule: Callable, label_smoothing: float = 0.0, axis_name: str | None = None
+               label_smoothing: float | jax.Array = 0.0, axis_name: str | None = None
                ) -> tuple[TrainState, dict]:
     """One SGD step on the global `batch` (`image: (B, H, W, C)`, `label: (B,)`): a global program, which `jax.jit`
     partitions as the arrays' shardings say (gconv.parallel). Under `pmap` pass its axis name: each device's
@@ -106,7 +110,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
         grads, batch_stats, loss, accuracy = jax.lax.pmean((grads, batch_stats, loss, accuracy), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
+               "lr": current_rate(state.opt_state)}  # the rate of this step's update
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                               rng=jax.random.fold_in(state.rng, state.step))
     return new_state, metrics
@@ -169,7 +174,8 @@ class _Program:
     total_steps: int
     model: nn.Module
     mesh: Any
-    optimizers: list
+    tx: optax.GradientTransformation  # every member's: its rates are in its state
+    hyper: dict | None  # the members' rates (`gconv.optim.hyperparams`, stacked); None: one run
     specs: Any  # one run's partition specs
     shardings: Any  # where the (members') state is created; None: one device
     take: Callable  # a members' state -> member i's (one run: the state itself)
@@ -184,28 +190,31 @@ def _program(runs: list[Run]) -> _Program:
     total_steps = config.num_steps if config.num_steps > 0 else int(config.num_epochs * steps_per_epoch)
     mesh = parallel.make_mesh(config.mesh)
     model = model_from_config(config.model, info.num_classes)  # a global program
-    optimizers = [create_optimizer(run.config.optim, steps_per_epoch, total_steps) for run in runs]
-    abstract = abstract_train_state(model, optimizers[0][0], info.image_shape)
+    tx, _ = create_optimizer(config.optim, steps_per_epoch, total_steps)
+    hyper = jax.tree.map(lambda *v: np.stack(v), *[hyperparams(run.config.optim, steps_per_epoch, total_steps)
+                                                   for run in runs]) if joined else None
+    abstract = abstract_train_state(model, tx, info.image_shape)
     specs = parallel.state_specs(abstract, config.sharding, model, mesh) if mesh.size > 1 else P()
     one, stacked = (parallel.named(specs, mesh), parallel.named(parallel.member_specs(specs, mesh), mesh)) if (
         mesh.size > 1) else (None, None)
     take = jax.jit(lambda states, i: jax.tree.map(lambda x: x[i], states), out_shardings=one) if joined else (
         lambda state, i: state)
     stack = jax.jit(lambda *members: jax.tree.map(lambda *xs: jnp.stack(xs), *members), out_shardings=stacked)
-    return _Program(info, train_source, eval_source, total_steps, model, mesh, optimizers, specs,
+    return _Program(info, train_source, eval_source, total_steps, model, mesh, tx, hyper, specs,
                     stacked if joined else one, take, stack)
 
 
 def _initial_state(runs: list[Run], p: _Program, writer: bool) -> tuple[int | None, TrainState]:
     """`(resume step or None, state)`: created where the rules put it (from PyTorch weights when `init_from`
     says so and nothing is saved yet), then restored from the runs' checkpoints onto this mesh's shardings."""
-    config, joined, tx = runs[0].config, len(runs) > 1, p.optimizers[0][0]
+    config, joined = runs[0].config, len(runs) > 1
     seeds = [run.config.seed for run in runs] if joined else config.seed
-    state = create_train_state(p.model, tx, p.info.image_shape, seeds, p.shardings)
+    state = create_train_state(p.model, p.tx, p.info.image_shape, seeds, p.shardings, p.hyper)
     if config.init_from and not any(checkpoints.readable_checkpoint_steps(run.ckpt_dir) for run in runs):
         variables = load_torch_weights_for(config, p.info.num_classes)  # parameters and BN statistics, from PyTorch
-        loaded = p.take(state, 0).replace(**variables, opt_state=tx.init(variables["params"]))
-        state = p.stack(*[loaded.replace(rng=p.take(state, i).rng) for i in range(len(runs))]) if joined else (
+        loaded = p.take(state, 0).replace(**variables)
+        state = p.stack(*[loaded.replace(rng=p.take(state, i).rng, opt_state=p.take(state, i).opt_state)
+                          for i in range(len(runs))]) if joined else (
             jax.device_put(loaded, p.shardings) if p.shardings is not None else loaded)
     return restore_group(runs, state, p.take, p.stack, set_aside=writer)
 
@@ -215,16 +224,15 @@ def _steps(runs: list[Run], p: _Program) -> tuple[Callable, Callable, Callable, 
     config = runs[0].config
     member_axis = parallel.MEMBER if parallel.MEMBER in p.mesh.axis_names else None
     if len(runs) > 1:
-        train = functools.partial(members.member_train_step, step=functools.partial(train_step, model=p.model),
-                                  optim=config.optim, schedules=[s for _, s in p.optimizers],
-                                  hyper=members.hyper_table([r.config for r in runs]), member_axis=member_axis,
+        train = functools.partial(members.member_train_step, step=functools.partial(train_step, model=p.model,
+                                                                                   tx=p.tx),
+                                  label_smoothing=np.asarray([r.config.optim.label_smoothing for r in runs],
+                                                             np.float32), member_axis=member_axis,
                                   vmap=config.member_vmap)
         evaluate_step = functools.partial(members.member_eval_step, step=functools.partial(eval_step, model=p.model),
                                           member_axis=member_axis, vmap=config.member_vmap)
     else:
-        tx, schedule = p.optimizers[0]
-        train = functools.partial(train_step, model=p.model, tx=tx, schedule=schedule,
-                                  label_smoothing=config.optim.label_smoothing)
+        train = functools.partial(train_step, model=p.model, tx=p.tx, label_smoothing=config.optim.label_smoothing)
         evaluate_step = functools.partial(eval_step, model=p.model)
     return parallel.compile_steps(train, evaluate_step, p.mesh, p.specs, config.parallel, members=len(runs) > 1)
 

@@ -4,6 +4,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from gconv.config import base_config
@@ -57,3 +58,26 @@ def test_weight_decay_skips_norms_and_biases():
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
     assert float(jnp.abs(updates["bias"]).max()) == 0.0 and float(jnp.abs(updates["kernel"]).min()) > 0.0
+
+
+def test_rates_are_state_one_optimizer_serves_every_member(rng):
+    """A state holding member B's rates (schedule, weight decay, momentum) makes A's optimizer update exactly as
+    B's own optimizer does: the rates travel in the state, so K members share one optimizer (gconv.members)."""
+    from gconv.optim import current_rate, hyperparams, with_hyperparams
+
+    a, b = base_config().optim, base_config().optim
+    b.learning_rate, b.weight_decay, b.momentum, b.schedule = 0.37, 1e-3, 0.5, "step"
+    b.decay_epochs, b.warmup_epochs = (2, 5), 1.0
+    tx_a, _ = create_optimizer(a, 10, 100)
+    tx_b, schedule_b = create_optimizer(b, 10, 100)
+    params = {"kernel": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+              "bias": jnp.asarray(rng.standard_normal(4), jnp.float32)}
+    state_a = with_hyperparams(tx_a.init(params), hyperparams(b, 10, 100))
+    state_b = tx_b.init(params)
+    for step in range(60):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+        assert float(current_rate(state_a)) == float(current_rate(state_b)) == float(schedule_b(step))
+        ua, state_a = tx_a.update(grads, state_a, params)
+        ub, state_b = tx_b.update(grads, state_b, params)
+        jax.tree.map(np.testing.assert_array_equal, ua, ub)
+        params = optax.apply_updates(params, ub)

@@ -29,13 +29,13 @@ def setup():
     config = base_config()
     kw = dict(num_classes=10, stage_sizes=(1, 1, 1))
     single = create_model("resnext11_4x4d", **kw)
-    tx, schedule = train.create_optimizer(config.optim, 10, 100)
+    tx, _ = train.create_optimizer(config.optim, 10, 100)
     state = train.create_train_state(single, tx, (16, 16, 3), 0)
     # Zero-mean images: BN's variance E[x^2] - E[x]^2 cancels badly in fp32 on shifted inputs, which would
     # swamp the per-device summation order this module compares.
     batch = {"image": jax.random.normal(jax.random.PRNGKey(1), (32, 16, 16, 3)),
              "label": jnp.arange(32) % 10}
-    return state, batch, functools.partial(train.train_step, model=single, tx=tx, schedule=schedule), single
+    return state, batch, functools.partial(train.train_step, model=single, tx=tx), single
 
 
 def _on_mesh(step, mesh, specs=P(), batch_spec=P("data")):
@@ -177,10 +177,10 @@ def test_group_parallel_train_step_on_a_2x4_mesh_equals_one_device(name):
     statistics equal the one-device step's."""
     config = base_config()
     model = create_model(name, num_classes=10, stage_sizes=(1, 1, 1))
-    tx, schedule = train.create_optimizer(config.optim, 10, 100)
+    tx, _ = train.create_optimizer(config.optim, 10, 100)
     state = train.create_train_state(model, tx, (32, 32, 3), 0)
     batch = {"image": 1.0 + jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3)), "label": jnp.arange(8) % 10}
-    step = functools.partial(train.train_step, model=model, tx=tx, schedule=schedule)
+    step = functools.partial(train.train_step, model=model, tx=tx)
     s1, m1 = jax.jit(step)(state, batch)
     mesh = parallel.make_mesh({"data": 2, "model": 4})
     specs = parallel.state_specs(state, "group", model, mesh)
