@@ -22,7 +22,7 @@ from gconv.progress import Progress
 from gconv.summary import run_summary
 
 __all__ = ["Run", "Tick", "restore_group", "evaluate", "every", "Guard", "Log", "Evaluate", "Checkpoint", "run_actions",
-           "open_runs", "kept_summaries", "training_input", "close", "summaries"]
+           "open_runs", "kept_summaries", "host_batches", "training_input", "close", "summaries"]
 
 
 @dataclasses.dataclass
@@ -253,18 +253,19 @@ def run_actions(actions: Iterable[Any], tick: Tick) -> Tick:
 
 # --- input and end ----------------------------------------------------------------------------------------------
 
+def host_batches(config: ml_collections.ConfigDict, p: Any, seed: int, start: int) -> Iterator[dict]:
+    """This process's rows of each training batch of `seed`'s order from step `start` (host arrays)."""
+    return data_lib.train_batches(p.train_source, p.info, config.data.batch_size, seed=seed, start_step=start,
+                                  augment=config.data.augment, num_workers=config.data.num_workers,
+                                  **parallel.input_shard(p.mesh))
+
+
 def training_input(runs: list[Run], p: Any, place: Callable, start: int) -> Iterator[dict]:
     """This process's rows of each training batch from step `start` (members: its members' batches, stacked)."""
     config = runs[0].config
-
-    def batches(member_config: ml_collections.ConfigDict) -> Iterator[dict]:
-        return data_lib.train_batches(p.train_source, p.info, config.data.batch_size, seed=member_config.seed,
-                                      start_step=start, augment=config.data.augment,
-                                      num_workers=config.data.num_workers, **parallel.input_shard(p.mesh))
-
     if len(runs) == 1:
-        return map(place, batches(config))
-    fed = [batches(runs[i].config) for i in parallel.member_block(p.mesh, len(runs))]
+        return map(place, host_batches(config, p, config.seed, start))
+    fed = [host_batches(config, p, runs[i].config.seed, start) for i in parallel.member_block(p.mesh, len(runs))]
     return (place(jax.tree.map(lambda *rows: np.stack(rows), *group)) for group in zip(*fed))
 
 

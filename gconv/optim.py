@@ -127,4 +127,4 @@ def create_optimizer(optim: ml_collections.ConfigDict, steps_per_epoch: int,
         updates, inner_state = inner.update(updates, state.inner._replace(hyperparams=hyper), params)
         return updates, ScheduledState(state.schedule, inner_state)
 
-    return optax.GradientTransformation(init, update), create_schedule(optim, steps_per_epoch, total_steps)
+    return optax.GradientTransformation(init, update), functools.partial(rate, values["schedule"])

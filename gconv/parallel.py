@@ -176,11 +176,10 @@ def _fsdp(name: str, shape: tuple, spec: P, mesh: Mesh) -> P:
     return P(*axes)
 
 
-def partition_specs(tree: Any, rules: tuple, mesh: Mesh | None = None, fsdp: bool = False,
-                    check_unused: bool = True) -> Any:
+def partition_specs(tree: Any, rules: tuple, mesh: Mesh | None = None, fsdp: bool = False) -> Any:
     """A `PartitionSpec` per leaf: the first rule whose regex matches the leaf's path ("stage2/unit0/dw_conv/kernel",
     also inside optimizer states and batch stats), else replicated; with `fsdp`, large leaves also split over
-    `data`. With a `mesh`, every split is checked to divide, and (`check_unused`) every rule to match a leaf."""
+    `data`. With a `mesh`, every split is checked to divide, and every rule to match a leaf."""
     compiled = [(re.compile(pattern), P(*spec)) for pattern, spec in rules]
     used = set()
 
@@ -203,7 +202,7 @@ def partition_specs(tree: Any, rules: tuple, mesh: Mesh | None = None, fsdp: boo
 
     specs = jax.tree_util.tree_map_with_path(spec, tree)
     unused = [rules[i][0] for i in range(len(rules)) if i not in used]
-    if mesh is not None and check_unused and unused:
+    if mesh is not None and unused:
         raise ValueError(f"sharding rules {unused} match no parameter: correct their regexes (paths look like "
                          f"'stage1/block0/conv_group/kernel').")
     return specs

@@ -16,8 +16,7 @@ import flax.linen as nn
 import jax
 from flax import traverse_util
 
-from gconv import data as data_lib
-from gconv import parallel
+from gconv.loop import host_batches
 
 __all__ = ["precise_batch_stats", "recompute"]
 
@@ -63,11 +62,8 @@ def recompute(config: Any, p: Any, place: Callable) -> Callable | None:
     batch_size = config.data.batch_size
 
     def recompute_state(state: Any) -> Any:
-        images = itertools.islice(data_lib.train_batches(
-            p.train_source, p.info, batch_size, seed=config.seed, start_step=0, augment=config.data.augment,
-            num_workers=config.data.num_workers, **parallel.input_shard(p.mesh)), -(-config.precise_bn_images //
-                                                                                  batch_size))
+        images = itertools.islice(host_batches(config, p, config.seed, 0), -(-config.precise_bn_images // batch_size))
         return state.replace(batch_stats=precise_batch_stats(p.model, state.params, state.batch_stats,
-                                                                         map(place, images)))
+                                                             map(place, images)))
 
     return recompute_state

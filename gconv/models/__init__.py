@@ -88,6 +88,11 @@ def family_of(model: nn.Module | type | str) -> ModelFamily:
                      f"gconv.models.FAMILIES (see docs/models.md).")
 
 
+def _init_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields a module class is built with (less Flax's `parent` and `name`)."""
+    return [f for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
+
+
 def user_family(cls: type) -> ModelFamily:
     """What gconv knows of a user's own module (`model.name="package.module:Class"`): its import path as its name,
     its scalar fields as the report's columns; no group-parallel rules (give `config.sharding` as rules), no
@@ -96,8 +101,8 @@ def user_family(cls: type) -> ModelFamily:
     scalar = (bool, int, float, str)
 
     def fields_of(model: nn.Module) -> dict[str, Any]:
-        return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-                if f.init and f.name not in ("parent", "name") and isinstance(getattr(model, f.name), scalar)}
+        return {f.name: getattr(model, f.name) for f in _init_fields(type(model))
+                if isinstance(getattr(model, f.name), scalar)}
 
     return ModelFamily(name=path, module=cls, parse=lambda name: None, variants=(), name_fields=(), bare_name=path,
                        name_of=lambda model: path, fields_of=fields_of, sweep_axis="")
@@ -106,16 +111,15 @@ def user_family(cls: type) -> ModelFamily:
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Builds a registered model; `overrides` replace its fields (e.g. `num_classes=10, dtype=jnp.bfloat16`)."""
     family, kwargs = _lookup(name)
-    fields = [f.name for f in dataclasses.fields(family.module) if f.init and f.name not in ("parent", "name")]
+    fields = [f.name for f in _init_fields(family.module)]
     bad = [k for k in overrides if k not in fields]
     if bad:
         hints = {k: difflib.get_close_matches(k, fields, n=2) for k in bad}
         raise ValueError(f"{name} ({family.module.__name__}) takes no argument(s) {bad} (closest: {hints}); "
                          f"its fields are {fields}.")
     kwargs = {**kwargs, **overrides}
-    required = [f.name for f in dataclasses.fields(family.module)
-                if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                and f.name not in ("parent", "name") and f.name not in kwargs]
+    required = [f.name for f in _init_fields(family.module)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
     if required:
         raise ValueError(f"{name} needs {required}: pass them (create_model({name!r}, "
                          f"{', '.join(f'{k}=...' for k in required)})) or use a full name such as "
@@ -140,7 +144,7 @@ def _user_model(name: str, kwargs: dict, num_classes: int) -> nn.Module:
     """A user's Flax module from its import path, built with the config's other fields (and `num_classes` when it
     has such a field); the same `__call__(x, train)` contract as gconv's models."""
     cls = import_module_class(name)
-    fields = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
+    fields = [f.name for f in _init_fields(cls)]
     bad = [k for k in kwargs if k not in fields]
     if bad:
         raise ValueError(f"model.name={name!r} takes no field(s) {bad}; its fields are {fields}.")
