@@ -10,8 +10,8 @@ from etils import epath
 from gconv.storage import RunDirError, exists, move_tree
 from gconv.watchdog import watch
 
-__all__ = ["manager", "readable_checkpoint_steps", "restore_newest_readable", "restore_on_host", "best_step",
-           "checkpoint_options", "choose_checkpoint"]
+__all__ = ["manager", "readable_checkpoint_steps", "restore_newest_readable", "restore_on_host", "model_variables",
+           "best_step", "checkpoint_options", "choose_checkpoint"]
 
 
 def readable_checkpoint_steps(ckpt_dir: epath.Path) -> list[int]:
@@ -76,6 +76,11 @@ def restore_newest_readable(ckpt_dir: epath.Path, restore: Callable[[int], Any],
         raise RunDirError(f"none of the checkpoints in {ckpt_dir} (steps {sorted(failures)}) can be read: move the "
                           f"folder away to start the run afresh.")
     return None, None
+
+
+def model_variables(restored: dict) -> dict:
+    """A restored train state's model variables: `params`, `batch_stats` and the model's other collections."""
+    return {"params": restored["params"], "batch_stats": restored["batch_stats"], **restored.get("model_state", {})}
 
 
 def restore_on_host(item_dir: epath.Path) -> Any:

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gconv.layers import GroupedConv, record_calls
+from gconv.layers import FullyLearnedGroupConv, GroupedConv, LearnedGroupConv, record_calls
 
 __all__ = ["count_params", "count_macs", "count_acts", "count_flops", "counts", "Counts", "CONVENTIONS", "layer_costs",
            "LayerCost", "breakdown", "preserving_width"]
@@ -51,15 +51,20 @@ def _linen(model: Any) -> nn.Module:
 @dataclasses.dataclass(frozen=True)
 class LayerCost:
     path: str  # module path, e.g. "stage2/block0/conv_group"
-    kind: str  # stem, dense_1x1, dense_kxk, grouped, depthwise or head
+    kind: str  # stem, dense_1x1, dense_kxk, grouped, depthwise, learned (masked, computed densely) or head
     params: int
     macs: int
     biases: int = 0
 
 
+_LEARNED = (LearnedGroupConv, FullyLearnedGroupConv)
+
+
 def _kind(module: nn.Module, c_in: int, first: bool) -> str:
     if isinstance(module, nn.Dense):
         return "head"
+    if isinstance(module, _LEARNED):
+        return "learned"
     if first:  # the first conv called: whatever its family names it
         return "stem"
     if module.groups > 1:
@@ -81,13 +86,15 @@ def _trace(model: nn.Module, input_shape: Sequence[int], **call_kwargs: Any) -> 
     acts = [0]
 
     def record(module, args, out):
-        if isinstance(module, (GroupedConv, nn.Dense, MaxPool3x3)):
+        if isinstance(module, (GroupedConv, nn.Dense, *_LEARNED, MaxPool3x3)):
             acts[0] += math.prod(out.shape[1:])
-        if not isinstance(module, (GroupedConv, nn.Dense)):
+        if not isinstance(module, (GroupedConv, nn.Dense, *_LEARNED)):
             return
         c_in = args[0].shape[-1]
-        fan_in = math.prod(module.kernel_size) * (c_in // module.groups) if isinstance(module, GroupedConv) else c_in
-        biases = out.shape[-1] if module.use_bias else 0
+        # learned group convs compute their masked kernels densely until deployed
+        window = math.prod(getattr(module, "kernel_size", (1,)))
+        fan_in = window * (c_in // module.groups if isinstance(module, GroupedConv) else c_in)
+        biases = out.shape[-1] if getattr(module, "use_bias", False) else 0
         first = isinstance(module, GroupedConv) and not any(r.kind != "head" for r in records)
         records.append(LayerCost("/".join(module.scope.path), _kind(module, c_in, first), fan_in * out.shape[-1] + biases,
                                  math.prod(out.shape) * fan_in, biases))

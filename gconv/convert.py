@@ -1,11 +1,12 @@
 """Trained PyTorch weights into gconv models: torchvision/timm ResNeXt, torchvision ShuffleNet v2, imgclsmob
-ShuffleNet v1.
+ShuffleNet v1, IGCV3 and (converted, `condensed=True`) CondenseNet.
 
     variables = load_torch_weights("resnext50_32x4d", "resnext50_32x4d-1a0047aa.pth")
     logits = create_model("resnext50_32x4d").apply(variables, images)      # images: (N, 224, 224, 3), NHWC
 
 Kernels go OIHW -> HWIO (a grouped kernel `(O, I/g, kh, kw)` keeps its per-group layout), dense weights are
-transposed, BatchNorm's running statistics become `batch_stats`. Every key is accounted for: missing, unexpected
+transposed, BatchNorm's running statistics become `batch_stats`, CondenseNet's `index` buffers its `condense`
+gathers. Every key is accounted for: missing, unexpected
 or wrongly shaped keys raise `ValueError` listing them. `.pth` files are read with `torch.load(weights_only=True)`
 (no pickled code runs; torch is imported only then); `.safetensors` need no torch.
 
@@ -47,7 +48,8 @@ PRETRAINED = {
     ("shufflenet_v2_x2_0", "tv_in1k"): _TV + "shufflenetv2_x2_0-8be3c8ee.pth",
 }
 
-_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var",
+           "index": "index"}  # a condensed CondenseNet's gathers (`condense` collection)
 
 
 def torch_key(model: str | type | Any, path: tuple[str, ...]) -> str:
@@ -108,7 +110,7 @@ def load_torch_weights(model_name: str, source: str | Path | Mapping[str, Any], 
     replace_head = num_classes is not None and num_classes != ckpt_classes
 
     used, missing, bad_shape, out = set(), [], [], {}
-    for collection in ("params", "batch_stats"):
+    for collection in fresh:  # params, batch_stats and a condensed CondenseNet's gathers
         def convert(path, leaf, collection=collection):
             names = tuple(str(k.key) for k in path)
             key = torch_key(model_name, names)

@@ -10,7 +10,7 @@ import ml_collections
 
 from gconv import data as data_lib
 from gconv import checkpoints, storage
-from gconv.models import family_of, model_from_config
+from gconv.models import family_of, model_from_config, model_state
 from gconv.loop import evaluate
 from gconv.train import TrainState, eval_step
 
@@ -22,7 +22,8 @@ def evaluate_variables(model: Any, variables: dict, data: ml_collections.ConfigD
     `split` ("eval" or "train", without augmentation) of the dataset `data` (a config's `data` block)."""
     source, info = data_lib.get_source(data, split)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                       batch_stats=variables.get("batch_stats", {}), opt_state=None, rng=None)
+                       batch_stats=variables.get("batch_stats", {}), opt_state=None, rng=None,
+                       model_state=model_state(variables))
     step = jax.jit(lambda s, b: eval_step(s, b, model=model))
     scores = evaluate(step, state, data_lib.eval_batches(source, info, data.eval_batch_size, data.num_workers))
     return {**scores, "images": len(source)}
@@ -43,7 +44,7 @@ def evaluate_run(run_dir: Any, checkpoint: str = "latest", split: str = "eval") 
     step = checkpoints.choose_checkpoint(run_dir, checkpoint)
     restored = checkpoints.restore_on_host(run_dir / "checkpoints" / str(step) / "default")
     model = model_from_config(config.model, _classes(restored, config.model.name))
-    scores = evaluate_variables(model, restored, config.data, split)
+    scores = evaluate_variables(model, checkpoints.model_variables(restored), config.data, split)
     return {**scores, "model": family_of(model).name_of(model), "step": step, "split": split}
 
 

@@ -26,6 +26,9 @@ Initializer = Callable[..., jax.Array]
 __all__ = [
     "GroupedConv",
     "ChannelShuffle",
+    "LearnedGroupConv",
+    "GatherChannels",
+    "FullyLearnedGroupConv",
     "GroupedTransform",
     "SplitTransformConcat",
     "SplitTransformSum",
@@ -96,6 +99,106 @@ class ChannelShuffle(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return ops.channel_shuffle(x, self.groups)
+
+
+class LearnedGroupConv(nn.Module):
+    """CondenseNet's learned group convolution: a dense 1x1 conv whose filter `o` belongs to group `o mod groups`,
+    times the mask of the inputs each group keeps (variables `condense/keep: (groups, C_in)` and `condense/stage`).
+    Called with the training `stage` (`ops.learned.condensation_stage`) while the `condense` collection is mutable,
+    the layer enters the stages it has not reached: each group drops `C_in / condense_factor` more inputs, those of
+    least L1 norm over its filters. `x: (N, H, W, C_in) -> (N, H, W, features)`. Condensed (`ops.learned`), it is
+    `GatherChannels`, a `groups`-group 1x1 `GroupedConv` and `channel_shuffle(., groups)`.
+    """
+    features: int
+    groups: int
+    condense_factor: int = 0  # 0: equal to groups
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = nn.initializers.he_normal()
+
+    @property
+    def factor(self) -> int:
+        return self.condense_factor or self.groups
+
+    @nn.compact
+    def __call__(self, x: jax.Array, stage: jax.Array | None = None) -> jax.Array:
+        c_in = x.shape[-1]
+        if self.groups < 1 or self.features % self.groups or c_in % self.groups or c_in % self.factor:
+            raise ValueError(
+                f"{self.name or 'LearnedGroupConv'}: groups={self.groups} must divide features={self.features} and "
+                f"C_in={c_in}, and condense_factor={self.factor} must divide C_in: choose them among the divisors.")
+        kernel = self.param("kernel", self.kernel_init, (1, 1, c_in, self.features), self.param_dtype)
+        keep = self.variable("condense", "keep", jnp.ones, (self.groups, c_in), jnp.bool_)
+        reached = self.variable("condense", "stage", jnp.zeros, (), jnp.int32)
+        if stage is not None and self.is_mutable_collection("condense") and not self.is_initializing():
+            entered = stage > reached.value
+            keep.value = jnp.where(entered, ops.learned.condense_keep(jax.lax.stop_gradient(kernel), keep.value,
+                                                                      stage, self.factor), keep.value)
+            reached.value = jnp.maximum(stage, reached.value)
+        x, kernel = nn.dtypes.promote_dtype(x, ops.learned.masked_kernel(kernel, keep.value), dtype=self.dtype)
+        return ops.grouped_conv(x, kernel, 1)
+
+
+class GatherChannels(nn.Module):
+    """The channels at `condense/index: (count,)` (a condensed layer's kept inputs), as `torch.index_select` on the
+    channel axis; initialised to `0, 1, ..., count - 1` (mod C). `x: (..., C) -> (..., count)`."""
+    count: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        index = self.variable("condense", "index", lambda: jnp.arange(self.count, dtype=jnp.int32) % x.shape[-1])
+        return jnp.take(x, index.value, axis=-1)
+
+
+class FullyLearnedGroupConv(nn.Module):
+    """FLGC (Wang et al. 2019): a conv whose input channels and filters are each assigned to one of `groups` groups
+    by learned logits (`input_groups: (C_in, groups)`, `filter_groups: (features, groups)`); input `i` reaches filter
+    `o` only when both are assigned the same group: the kernel times that 0/1 mask. The forward pass uses the hard
+    assignments, the backward pass the softmax's gradients (straight-through). `balanced`: every group gets `C_in / groups` inputs and `features / groups` filters.
+    Initialised as a standard group conv (contiguous groups) plus noise. The kernel is stored dense,
+    `(*window, C_in, features)`; `ops.learned.assigned_conv` computes the deployed form.
+    `x: (N, *spatial, C_in) -> (N, *spatial_out, features)`.
+    """
+    features: int
+    kernel_size: Sequence[int]
+    groups: int
+    balanced: bool = False
+    strides: int | Sequence[int] = 1
+    padding: ops.Padding = "SAME"
+    dilation: int | Sequence[int] = 1
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = nn.initializers.he_normal()
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c_in, window = x.shape[-1], tuple(self.kernel_size)
+        if self.groups < 1 or (self.balanced and (c_in % self.groups or self.features % self.groups)):
+            raise ValueError(f"{self.name or 'FullyLearnedGroupConv'}: groups={self.groups} must be >= 1 and, when "
+                             f"balanced, divide C_in={c_in} and features={self.features}.")
+        # He-normal over a group's fan-in, as a standard group conv of the same groups
+        fan_scale = jnp.sqrt(jnp.asarray(self.groups, self.param_dtype))
+        kernel = self.param("kernel", lambda k, s, d: self.kernel_init(k, s, d) * fan_scale,
+                            window + (c_in, self.features), self.param_dtype)
+        input_logits = self.param("input_groups", _contiguous_logits, (c_in, self.groups), self.param_dtype)
+        filter_logits = self.param("filter_groups", _contiguous_logits, (self.features, self.groups),
+                                   self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        mask = ops.learned.assignment_mask(input_logits, filter_logits, self.balanced).astype(kernel.dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel * mask, bias, dtype=self.dtype)
+        with autotune.static() if self.is_initializing() else contextlib.nullcontext():
+            y = ops.grouped_conv(x, kernel, 1, strides=self.strides, padding=self.padding, dilation=self.dilation)
+        return y if bias is None else y + bias
+
+
+def _contiguous_logits(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
+    """Assignment logits `(n, G)` preferring the contiguous grouping (row `i` to group `i * G // n`) by 1, plus
+    N(0, 0.01) noise: training starts from the standard group conv."""
+    n, groups = shape
+    start = jax.nn.one_hot(jnp.arange(n) * groups // n, groups, dtype=dtype)
+    return start + 0.01 * jax.random.normal(key, shape, dtype)
 
 
 class GroupedTransform(nn.Module):

@@ -78,7 +78,8 @@ class Model(nnx.Module):
     """A gconv model (a linen module `definition`) as an NNX module. `x: (N, H, W, C) -> (N, num_classes)`.
 
     `nnx.state(model)` holds the linen variables at their paths (`params/...`, `batch_stats/...`). In train mode
-    (`model.train()`) BatchNorm normalises with the batch's statistics and updates the running averages in place,
+    (`model.train()`) BatchNorm normalises with the batch's statistics and updates the running averages in place
+    (and every other collection the model changes while training, such as a learned CondenseNet's masks),
     and dropout draws from `rngs.dropout` (pass `rngs` for a model with dropout); in eval mode (`model.eval()`, the
     default) it uses the running averages.
     """
@@ -106,11 +107,13 @@ class Model(nnx.Module):
         train = not self.use_running_average
         variables = to_linen(self)
         rngs = {"dropout": self.rngs.dropout()} if train and self.rngs is not None and "dropout" in self.rngs else {}
-        if not train or "batch_stats" not in variables:
+        state = [c for c in self.collections if c != "params"]  # BatchNorm's averages, CondenseNet's masks, ...
+        if not train or not state:
             return self.definition.apply(variables, x, train=train, rngs=rngs)
-        y, updates = self.definition.apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])
-        jax.tree.map(lambda var, value: var.set_value(value), self.batch_stats, dict(updates["batch_stats"]),
-                     is_leaf=_is_variable)
+        y, updates = self.definition.apply(variables, x, train=True, rngs=rngs, mutable=state)
+        for collection in state:
+            jax.tree.map(lambda var, value: var.set_value(value), getattr(self, collection), dict(updates[collection]),
+                         is_leaf=_is_variable)
         return y
 
 

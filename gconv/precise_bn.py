@@ -21,15 +21,17 @@ from gconv.loop import host_batches
 __all__ = ["precise_batch_stats", "recompute"]
 
 
-def precise_batch_stats(model: nn.Module, params: Any, batch_stats: Any, batches: Iterable[dict]) -> Any:
+def precise_batch_stats(model: nn.Module, params: Any, batch_stats: Any, batches: Iterable[dict],
+                        model_state: dict | None = None) -> Any:
     """The `batch_stats` tree recomputed over `batches` (each `image: (n_b, H, W, C)`), with the structure and
-    shardings of `batch_stats`. `model` is the global model."""
+    shardings of `batch_stats`. `model` is the global model; `model_state` its other collections (read only)."""
     model = model.clone(bn_momentum=0.0)
 
     @jax.jit
     def moments(images):
-        _, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                                 mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
+        variables = {"params": params, "batch_stats": batch_stats, **(model_state or {})}
+        _, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                                 rngs={"dropout": jax.random.PRNGKey(0)})
         return traverse_util.flatten_dict(updates["batch_stats"])
 
     first: dict = {}  # per layer: sum over batches of n_b * m_b
@@ -64,6 +66,6 @@ def recompute(config: Any, p: Any, place: Callable) -> Callable | None:
     def recompute_state(state: Any) -> Any:
         images = itertools.islice(host_batches(config, p, config.seed, 0), -(-config.precise_bn_images // batch_size))
         return state.replace(batch_stats=precise_batch_stats(p.model, state.params, state.batch_stats,
-                                                             map(place, images)))
+                                                             map(place, images), state.model_state))
 
     return recompute_state

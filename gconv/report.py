@@ -107,7 +107,7 @@ def _analyze_run(run_dir: epath.Path, num_images: int, checkpoint: str) -> dict[
     else:
         step = checkpoints.choose_checkpoint(run_dir, checkpoint)
         restored = restore(step)
-    variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+    variables = checkpoints.model_variables(restored)
     out_dir = run_dir / "analysis"
     out_dir.mkdir(parents=True, exist_ok=True)
     plt = plots.pyplot()

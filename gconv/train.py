@@ -28,7 +28,7 @@ from gconv.loop import (Checkpoint, Evaluate, Guard, Log, Run, Tick, close, eval
                         open_runs, restore_group, run_actions, summaries, training_input)
 from gconv.config import check_config
 from gconv.convert import load_torch_weights_for
-from gconv.models import model_from_config
+from gconv.models import model_from_config, model_state
 from gconv.optim import create_optimizer, current_rate, hyperparams, with_hyperparams
 from gconv.preemption import StopFlag, Stopped
 from gconv.preflight import preflight
@@ -45,6 +45,10 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array  # raw uint32 key, so checkpoints stay plain arrays
+    model_state: Any = flax.struct.field(default_factory=dict)  # the model's other collections (CondenseNet's masks)
+
+    def variables(self) -> dict:  # the model's: params, batch_stats and model_state's collections
+        return {"params": self.params, "batch_stats": self.batch_stats, **self.model_state}
 
 
 _INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
@@ -57,7 +61,8 @@ def _init(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple
         params = variables["params"]
         opt_state = tx.init(params) if hyper is None else with_hyperparams(tx.init(params), hyper)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get("batch_stats", {}), opt_state=opt_state, rng=rng)
+                          batch_stats=variables.get("batch_stats", {}), opt_state=opt_state, rng=rng,
+                          model_state=model_state(variables))
 
     return init
 
@@ -99,12 +104,12 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
         dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
 
     def loss_fn(params):
-        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
-                                      train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-        loss = jnp.mean(_cross_entropy(logits, batch["label"], label_smoothing))
-        return loss, (logits, updates["batch_stats"])
+        logits, mutated = model.apply({**state.variables(), "params": params}, batch["image"], train=True,
+                                      mutable=["batch_stats", *state.model_state], rngs={"dropout": dropout_rng})
+        return jnp.mean(_cross_entropy(logits, batch["label"], label_smoothing)), (logits, mutated)
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    batch_stats = mutated.get("batch_stats", {})
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     if axis_name is not None:
         grads, batch_stats, loss, accuracy = jax.lax.pmean((grads, batch_stats, loss, accuracy), axis_name)
@@ -113,14 +118,15 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
                "lr": current_rate(state.opt_state)}  # the rate of this step's update
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                              rng=jax.random.fold_in(state.rng, state.step))
+                              rng=jax.random.fold_in(state.rng, state.step),
+                              model_state={k: mutated[k] for k in state.model_state})
     return new_state, metrics
 
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict:
     """Sums over the real (mask=True) examples of the global `batch`: `correct` (top-1), `correct5` (top-5),
     `loss`, `count`."""
-    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+    logits = model.apply(state.variables(), batch["image"], train=False)
     mask = batch["mask"].astype(jnp.float32)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     return {"correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
@@ -189,7 +195,7 @@ def _program(runs: list[Run]) -> _Program:
     steps_per_epoch = max(1, info.num_train // config.data.batch_size)
     total_steps = config.num_steps if config.num_steps > 0 else int(config.num_epochs * steps_per_epoch)
     mesh = parallel.make_mesh(config.mesh)
-    model = model_from_config(config.model, info.num_classes)  # a global program
+    model = model_from_config(config.model, info.num_classes, total_steps=total_steps)  # a global program
     tx, _ = create_optimizer(config.optim, steps_per_epoch, total_steps)
     hyper = jax.tree.map(lambda *v: np.stack(v), *[hyperparams(run.config.optim, steps_per_epoch, total_steps)
                                                    for run in runs]) if joined else None

@@ -1,6 +1,6 @@
 """Test setup and shared helpers.
 
-8 simulated CPU devices for the multi-device tests (CI sets the same flag), programs compiled at low optimisation,
+8 simulated CPU devices for the multi-device tests (CI sets the same flag), programs compiled at low optimisation in the fast tier (`pytest_configure`),
 and grouped convs lowered by the static rule (`GCONV_AUTOTUNE=0`): deterministic, and no time spent measuring;
 tests/test_autotune.py turns measuring on where it is the subject. Compiled programs are cached on disk across processes. Tests marked `slow` (multi-process
 runs, signals, object storage, the documentation's commands) are the slow tier: `pytest -m slow`; the README's
@@ -13,11 +13,6 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     _flags += " --xla_force_host_platform_device_count=8"
 assert "device_count=8" in _flags, f"the suite runs on 8 simulated devices; XLA_FLAGS={_flags!r}"
-# LLVM at -O0: 40 % less compile time for the suite's tiny programs, whose run time is negligible. No test compares
-# against values computed under other flags (fixtures are compared within error-model tolerances), and every
-# subprocess inherits the same flags, so runs that must agree exactly still run the same code.
-if "xla_backend_optimization_level" not in _flags:
-    _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("GCONV_AUTOTUNE", "0")
@@ -39,6 +34,18 @@ import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_ENV = "GCONV_TEST_SEED"
+
+
+def pytest_configure(config):
+    """LLVM at -O0 in the fast tier: 40 % less compile time for its tiny programs, whose run time is negligible. Not
+    in the slow tier (`-m slow`), whose end-to-end runs train hundreds of steps in the processes they start: there
+    -O0 code runs 3x slower than -O2, and the compiled steps are cached on disk across processes anyway. No test
+    compares against values computed under other flags (fixtures are compared within error-model tolerances), and
+    every test process (xdist's workers inherit this) and subprocess of a session has the same flags, so runs that
+    must agree exactly still run the same code. Set here, before any test initialises a JAX backend."""
+    flags = os.environ["XLA_FLAGS"]
+    if "xla_backend_optimization_level" not in flags and (config.option.markexpr or "").strip() != "slow":
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0"
 
 
 def tiered(values, fast) -> list:

@@ -17,6 +17,8 @@ CASES = {  # fixture -> (gconv name, overrides)
     "tv_resnext_c8x4d_tiny": ("resnext50_8x4d", dict(stage_sizes=(1, 1, 1, 1))),
     "tv_shufflenet_v2_x0_5": ("shufflenet_v2_x0_5", {}),
     "imgclsmob_shufflenet_g3_wd4": ("shufflenet_g3_wd4", {}),
+    "imgclsmob_igcv3_wd4": ("igcv3_wd4", {}),
+    "imgclsmob_condensenet74_tiny": ("condensenet74_c4_g4", dict(growth_rates=(4, 4, 8, 8, 16), condensed=True)),
 }
 
 

@@ -126,7 +126,8 @@ def _input_size(model):
 # One name of each family and structural variant (stems, stage groups, channel rounding, groups that need
 # the shuffle's all-to-all, v2's split units, LRN and dropout, grouping schemes): compiled and run.
 REPRESENTATIVES = ["resnext11_8x4d", "resnext50_32x4d", "resnet50_root8", "shufflenet_g3_w1", "shufflenet_g8_wd4",
-                   "shufflenet_v2_x0_5", "alexnet_g2", "nin_cifar_tree4", "regnetx_200mf"]
+                   "shufflenet_v2_x0_5", "alexnet_g2", "nin_cifar_tree4", "regnetx_200mf", "igcv3_wd4",
+                   "condensenet86_cifar"]
 
 
 @pytest.mark.parametrize("name", tiered(list_models(), fast=REPRESENTATIVES))

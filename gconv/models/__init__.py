@@ -9,6 +9,9 @@ Names (see each family's module):
   alexnet_g{1,2,4}, alexnet                   gconv.models.alexnet: Caffe's bvlc_alexnet, filter groups
   nin_cifar, nin_cifar_{root,tree,col}{N}     gconv.models.nin: the thesis' NiN with filter-group schemes
   anynet, regnetx_{200mf,...,32gf}            gconv.models.anynet: pycls's AnyNetX (per-stage fields) and RegNetX
+  igcv3_{w1,w3d4,wd2,wd4}, igcv3              gconv.models.igcv3: interleaved low-rank group convs (imgclsmob)
+  condensenet74_c{4,8}_g{4,8}, condensenet{50,...,182}_cifar, condensenet
+                                              gconv.models.condensenet: learned group convs, condensed or not
 A name without its defining numbers (`resnext29`) takes them as arguments (`cardinality=8, base_width=64`).
 Overrides are the model's fields (`num_classes`, `dtype`, `bn_momentum`, ...); one the model does
 not take raises `ValueError`.
@@ -24,21 +27,21 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
-from gconv.models import alexnet, anynet, nin, resnext, shufflenet, shufflenet_v2
+from gconv.models import alexnet, anynet, condensenet, igcv3, nin, resnext, shufflenet, shufflenet_v2
 from gconv.models.alexnet import AlexNet
 from gconv.models.anynet import AnyNet
-from gconv.models.common import ModelFamily
+from gconv.models.common import ModelFamily, model_state
 from gconv.models.nin import NiN
 from gconv.models.resnext import ResNeXt, ResNeXtBottleneck
 from gconv.models.shufflenet import ShuffleNetV1, ShuffleUnit, shufflenet_v1_channels
 from gconv.models.shufflenet_v2 import InvertedResidual, ShuffleNetV2
 
 __all__ = ["create_model", "model_from_config", "list_models", "model_spec", "family_of", "register", "FAMILIES",
-           "ModelFamily", "ResNeXt", "ResNeXtBottleneck", "ShuffleNetV1", "ShuffleUnit", "ShuffleNetV2",
+           "ModelFamily", "model_state", "ResNeXt", "ResNeXtBottleneck", "ShuffleNetV1", "ShuffleUnit", "ShuffleNetV2",
            "InvertedResidual", "shufflenet_v1_channels", "AlexNet", "NiN", "AnyNet"]
 
 FAMILIES: list[ModelFamily] = [resnext.FAMILY, shufflenet.FAMILY, shufflenet_v2.FAMILY, alexnet.FAMILY, nin.FAMILY,
-                               anynet.FAMILY]
+                               anynet.FAMILY, igcv3.FAMILY, condensenet.FAMILY]
 
 
 def register(family: ModelFamily) -> ModelFamily:
@@ -153,10 +156,17 @@ def _user_model(name: str, kwargs: dict, num_classes: int) -> nn.Module:
     return cls(**kwargs, **({"num_classes": num_classes} if "num_classes" in fields else {}))
 
 
-def model_from_config(model_config: Mapping[str, Any], num_classes: int, **overrides: Any) -> nn.Module:
+def model_from_config(model_config: Mapping[str, Any], num_classes: int, total_steps: int | None = None,
+                      **overrides: Any) -> nn.Module:
     """A config's model: `name` plus every other key as a field (`dtype` given by name). A key that the name already
     fixes (`name="resnext29_8x64d"` with `cardinality`) is refused: say it once. `name` may be an import path,
-    `"package.module:Class"`: a Flax module of the user's own."""
+    `"package.module:Class"`: a Flax module of the user's own. `total_steps`: the model a run of that many steps
+    trains (its family's `for_run`)."""
+    model = _from_config(model_config, num_classes, **overrides)
+    return model if total_steps is None else family_of(model).for_run(model, total_steps)
+
+
+def _from_config(model_config: Mapping[str, Any], num_classes: int, **overrides: Any) -> nn.Module:
     name = model_config["name"]
     if ":" in name:
         return _user_model(name, {**{k: v for k, v in model_config.items() if k != "name"}, **overrides},

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gconv.layers import GroupedConv
+from gconv.layers import FullyLearnedGroupConv, GroupedConv
 
 ModuleDef = Callable[..., nn.Module]
 LayerPath = tuple[str, ...]
@@ -43,6 +43,8 @@ class ModelFamily:
     input_shape: a built module -> the `(H, W, C)` its published counts are given at (224x224 ImageNet, 32x32 CIFAR).
     head: the path of the classifier, whose outputs are the classes (evaluation reads the class count there,
       weight conversion replaces it for another class count).
+    for_run: a built module and the run's step count -> the module that run trains (CondenseNet: condensing over
+      the first half of the run unless its config says otherwise).
 
     Code outside `gconv.models` reaches a family's layers through these paths (`params_at`), never by name.
     """
@@ -63,6 +65,7 @@ class ModelFamily:
     first_conv_groups: Callable[[Any], int] = lambda model: 1
     input_shape: Callable[[Any], tuple[int, int, int]] = lambda model: (224, 224, 3)
     head: str = "head"
+    for_run: Callable[[Any, int], Any] = lambda model, total_steps: model
 
     def params_at(self, params: dict, path: str) -> dict:
         """The parameters of the layer at `path` ("stage1/block0/conv_group") in a model's `params` tree."""
@@ -75,18 +78,34 @@ class ModelFamily:
         return node
 
 
+def model_state(variables: dict) -> dict:
+    """A model's collections other than `params` and `batch_stats` (a learned CondenseNet's masks and step)."""
+    return {k: v for k, v in variables.items() if k not in ("params", "batch_stats")}
+
+
 def torch_padding(kernel: int, dilation: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
     """Symmetric padding `k // 2` as PyTorch models use it; "SAME" pads stride-2 convs differently."""
     p = dilation * (kernel - 1) // 2
     return ((p, p), (p, p))
 
 
-def conv_factory(dtype: Any, param_dtype: Any) -> ModuleDef:
-    """Bias-free grouped conv with PyTorch's padding: `conv(features, k, groups=1, strides=1, name=...)`."""
+GROUP_CONVS = ("fixed", "flgc", "flgc_balanced")
+
+
+def conv_factory(dtype: Any, param_dtype: Any, group_conv: str = "fixed") -> ModuleDef:
+    """Bias-free grouped conv with PyTorch's padding: `conv(features, k, groups=1, strides=1, name=...)`.
+    `group_conv`: "fixed" (`GroupedConv`), or "flgc" / "flgc_balanced": every group conv that is not depthwise
+    (1 < groups != features) learns its groups (`FullyLearnedGroupConv`, FLGC)."""
+    if group_conv not in GROUP_CONVS:
+        raise ValueError(f"group_conv={group_conv!r} is not one of {GROUP_CONVS}.")
 
     def conv(features: int, kernel: int, *, groups: int = 1, strides: int = 1, name: str) -> nn.Module:
-        return GroupedConv(features, (kernel, kernel), groups=groups, strides=strides, padding=torch_padding(kernel),
-                           use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name)
+        args = dict(strides=strides, padding=torch_padding(kernel), use_bias=False, dtype=dtype,
+                    param_dtype=param_dtype, name=name)
+        if group_conv != "fixed" and 1 < groups != features:
+            return FullyLearnedGroupConv(features, (kernel, kernel), groups=groups,
+                                         balanced=group_conv == "flgc_balanced", **args)
+        return GroupedConv(features, (kernel, kernel), groups=groups, **args)
 
     return conv
 
@@ -104,10 +123,11 @@ class ClassifierNet(nn.Module, kw_only=True):
     param_dtype: Any = jnp.float32
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    group_conv: str = "fixed"  # or "flgc" / "flgc_balanced": group convs learn their groups (conv_factory)
 
     def factories(self, train: bool) -> tuple[ModuleDef, ModuleDef]:
         """`(conv, norm)` bound to this model's dtypes and BN settings."""
-        return (conv_factory(self.dtype, self.param_dtype),
+        return (conv_factory(self.dtype, self.param_dtype, self.group_conv),
                 norm_factory(train, self.bn_momentum, self.bn_epsilon, self.dtype, self.param_dtype))
 
     def head(self, x: jax.Array) -> jax.Array:

@@ -9,7 +9,9 @@ shapes, so bad input raises `ValueError` before XLA sees it.
   lowerings/  one module per lowering, registered by name
   choice      which lowering "auto" takes (measured, or a static rule)
   shuffle     `channel_shuffle` and its inverse
+  learned     learned group convolution (CondenseNet): condensation stages, masks, condensing
 """
+from gconv.ops import learned
 from gconv.ops.args import IntOrSeq, Padding, normalize_padding
 from gconv.ops.choice import AUTOTUNE_MIN_MACS, candidate_impls, static_impl
 from gconv.ops.conv import IMPLS, grouped_conv, grouped_conv_reference
@@ -30,4 +32,5 @@ __all__ = [
     "normalize_padding",
     "IntOrSeq",
     "Padding",
+    "learned",
 ]

@@ -1,0 +1,49 @@
+"""Learned groups against fixed ones in one body (CondenseNet, Huang et al. 2018): CondenseNet-86 on CIFAR-10.
+
+  learned   G = C = 4 learned 1x1 group convs, condensed over the first half of training (the paper's network)
+  fixed     the condensed network's shape from the first step: 4-group 1x1 convs on inputs in their own order, then
+            the shuffle; the same parameters and MACs as `learned` after condensing
+
+Recipe (CondenseNet's script.sh and main.py): SGD momentum 0.9 (Nesterov), lr 0.1 with a cosine schedule, batch
+64, weight decay 1e-4, 300 epochs. The paper: 5.06 % CIFAR-10 error for the learned network.
+    python launch.py --config experiments/learned_groups.py --config.data.data_dir=DIR   # cifar10
+    python launch.py --config experiments/learned_groups.py:digits   # offline: a shallower body on digits
+    python launch.py --config experiments/learned_groups.py:local    # seconds: a tiny body, synthetic data
+"""
+import ml_collections
+
+from gconv.config import base_config, make_local
+
+PAPER_ERROR = {"learned": 5.06}
+VARIANTS = ("digits", "local")  # the :arg names this file takes
+
+
+def get_config(arg=None):
+    config = base_config()
+    config.model = ml_collections.ConfigDict(dict(name="condensenet86_cifar", condensed=False, dtype="float32"))
+    config.data.name = "cifar10"
+    config.data.batch_size = 64
+    config.optim.learning_rate = 0.1
+    config.optim.weight_decay = 1e-4
+    config.optim.schedule = "cosine"
+    config.num_epochs = 300.0
+    config.log_every_steps = 100
+    config.eval_every_steps = 782 * 10  # every 10 epochs of 782 steps
+    config.checkpoint_every_steps = 782 * 5
+    if arg in ("digits", "local"):  # a shallower body of the same design: stages of 2 (local: 1) units
+        units = 1 if arg == "local" else 2
+        config.model.name = "condensenet"
+        config.model.update(stage_sizes=(units,) * 3, growth_rates=(8, 16, 32), stem_strides=1, groups=4)
+    if arg == "digits":
+        config.data.name = "digits"
+        config.num_epochs = 30.0
+        config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps = 20, 200, 200
+    if arg == "local":
+        make_local(config, image_size=32)
+    return config
+
+
+def get_sweep(arg=None):
+    paper = arg is None
+    return [{"name": name, "model.condensed": name == "fixed",
+             "paper_top1_error": PAPER_ERROR.get(name, -1.0) if paper else -1.0} for name in ("learned", "fixed")]

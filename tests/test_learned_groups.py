@@ -1,0 +1,238 @@
+"""Learned and interleaved groups: IGCV3's and CondenseNet's counts against imgclsmob, the condensation schedule and
+mask against CondenseNet's definition, and condensing (gather + group conv + shuffle) against the masked conv."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gconv import ops
+from gconv.complexity import count_macs, count_params
+from gconv.models import create_model
+from gconv.models.condensenet import condense
+from tolerance import U32, assert_within, linear_bound
+
+# imgclsmob (pytorchcv) `calc_net_weights` and its MAC counter (convolutions and linear layers), 224 x 224.
+IMGCLSMOB = {
+    "igcv3_w1": (3_491_688, 312_970_176),
+    "igcv3_w3d4": (2_638_084, 189_889_232),
+    "igcv3_wd2": (1_985_528, 96_913_888),
+    "igcv3_wd4": (1_534_020, 34_044_144),
+    "condensenet74_c4_g4": (4_773_944, 516_640_576),
+    "condensenet74_c8_g8": (2_935_416, 261_545_792),
+}
+FAST = {"igcv3_wd4", "condensenet74_c8_g8"}  # one representative of each family in the fast tier
+
+
+def _params(model, shape):
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape)))["params"]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in IMGCLSMOB])
+def test_counts_equal_imgclsmob(name):
+    model = create_model(name, condensed=True) if name.startswith("condensenet") else create_model(name)
+    assert (count_params(_params(model, (224, 224, 3))), count_macs(model, (224, 224, 3))) == IMGCLSMOB[name]
+
+
+# CondenseNet's README (CIFAR-10): millions of parameters, rounded to 0.01M. They count the whole classifier (a
+# condensed one keeps half its inputs: CondenseNet-86 has 0.516M either way, the others differ in the last digit).
+README_CIFAR = {50: 0.22, 74: 0.41, 86: 0.52, 98: 0.65, 110: 0.79, 122: 0.95, 182: 4.2}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("depth", sorted(README_CIFAR))
+def test_cifar_counts_within_rounding_of_the_readme(depth):
+    digits = 1 if depth == 182 else 2
+    whole = count_params(_params(create_model(f"condensenet{depth}_cifar", condensed=True, head_keep=1.0), (32, 32, 3)))
+    assert round(whole / 1e6, digits) == README_CIFAR[depth], whole
+    if depth == 86:
+        condensed = count_params(_params(create_model("condensenet86_cifar", condensed=True), (32, 32, 3)))
+        assert round(condensed / 1e6, 2) == 0.52, condensed
+
+
+def _reference_stage(progress: float, factor: int) -> int:
+    """CondenseNet's `LearnedGroupConv._check_drop`: the first stage i with progress * 2 < (i + 1) / (C - 1)."""
+    for i in range(factor - 1):
+        if progress * 2 < (i + 1) / (factor - 1):
+            return i
+    return factor - 1
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8])
+def test_condensation_stage_is_condensenets_schedule(factor, rng):
+    half = int(rng.integers(3, 50))  # condense_steps: half of a run of 2 * half steps
+    steps = np.arange(2 * half + 3)
+    got = np.asarray(ops.learned.condensation_stage(steps, half, factor))
+    want = [_reference_stage(s / (2 * half), factor) for s in steps]
+    assert got.tolist() == want, f"condense_steps={half}"
+
+
+def _reference_keep(weights: list[np.ndarray], groups: int, factor: int) -> np.ndarray:
+    """CondenseNet's `_dropping`, entering stage 1, 2, ... with the kernel `weights[s - 1]` of that moment: each group
+    sums |W * mask| over its filters (o mod G) and masks the next `C_in / C` inputs in ascending order."""
+    c_in, c_out = weights[0].shape
+    mask = np.ones((c_out, c_in))  # (out, in) as PyTorch's
+    delta, count = c_in // factor, 0
+    for w in weights:
+        shuffled = np.abs(w.T * mask).reshape(c_out // groups, groups, c_in).transpose(1, 0, 2)
+        for i in range(groups):
+            for d in np.argsort(shuffled[i].sum(0), kind="stable")[count:count + delta]:
+                mask[i::groups, d] = 0
+        count += delta
+    return mask[:groups].astype(bool)  # filter i's row is group i's
+
+
+@pytest.mark.parametrize("groups,factor", [(2, 2), (4, 4), (2, 4)])
+def test_condensing_masks_drop_condensenets_inputs(groups, factor, rng):
+    c_in, c_out = 8 * factor, 4 * groups
+    weights = [rng.standard_normal((c_in, c_out)).astype(np.float32) for _ in range(factor - 1)]
+    keep = jnp.ones((groups, c_in), bool)
+    for stage, w in enumerate(weights, start=1):
+        keep = ops.learned.condense_keep(jnp.asarray(w)[None, None], keep, jnp.int32(stage), factor)
+    np.testing.assert_array_equal(np.asarray(keep), _reference_keep(weights, groups, factor))
+    assert (np.asarray(keep).sum(1) == c_in // factor).all()
+
+
+@pytest.mark.parametrize("groups,factor", [(2, 2), (4, 4), (4, 2)])
+def test_condensed_conv_computes_the_masked_conv(groups, factor, rng):
+    c_in, c_out, kept = 4 * factor, 3 * groups, 4
+    keep = np.zeros((groups, c_in), bool)
+    for row in keep:
+        row[rng.choice(c_in, kept, replace=False)] = True
+    x = jnp.asarray(rng.standard_normal((2, 5, 5, c_in)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((1, 1, c_in, c_out)), jnp.float32)
+    masked = ops.learned.masked_kernel(kernel, jnp.asarray(keep))
+    want = ops.grouped_conv(x, masked, 1)
+    index = ops.learned.condensed_index(keep)
+    got = ops.channel_shuffle(ops.grouped_conv(x[..., index], ops.learned.condensed_kernel(kernel, index, groups),
+                                               groups), groups)
+    # Both sum the same `kept` products per output (the masked conv adds exact zeros): 2 gamma(C_in) |x| |W|.
+    assert_within(got, want, linear_bound(lambda a, w: ops.grouped_conv(a, w, 1), x, masked, terms=c_in),
+                  "condensed vs masked")
+
+
+def test_condensed_index_refuses_an_unfinished_condensation():
+    keep = np.ones((2, 8), bool)
+    keep[0, :4] = False
+    with pytest.raises(ValueError, match=r"the groups keep \[4, 8\] inputs.*condense_steps"):
+        ops.learned.condensed_index(keep)
+
+
+# head_keep=1: the condensed classifier keeps all its inputs (CondenseNet's keeps half, a change of function)
+TINY = dict(stage_sizes=(2, 2), growth_rates=(4, 8), groups=2, condense_factor=4, stem_strides=1, num_classes=5,
+            head_keep=1.0)
+
+
+def _train_through_condensation(rng, steps: int = 8, condense_steps: int = 4):
+    """A tiny learned CondenseNet through `steps` SGD steps on random images, every stage entered on the way."""
+    model = create_model("condensenet", condense_steps=condense_steps, **TINY)
+    x = jnp.asarray(rng.standard_normal((steps, 4, 16, 16, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 5, (steps, 4)))
+    variables = model.init(jax.random.PRNGKey(0), x[0])
+
+    @jax.jit
+    def step(variables, x, y):
+        def loss(params):
+            logits, state = model.apply({**variables, "params": params}, x, train=True,
+                                        mutable=["batch_stats", "condense"])
+            return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(len(y)), y]), state
+        grads, state = jax.grad(loss, has_aux=True)(variables["params"])
+        params = jax.tree.map(lambda p, g: p - 0.1 * g, variables["params"], grads)
+        return {"params": params, **state}
+
+    for i in range(steps):
+        variables = step(variables, x[i], labels[i])
+    return model, variables
+
+
+def test_a_trained_condensenet_condenses_to_the_same_function(rng):
+    model, variables = _train_through_condensation(rng)
+    assert int(variables["condense"]["step"]) == 8
+    for unit in jax.tree.leaves(variables["condense"]["stage1"], is_leaf=lambda n: isinstance(n, dict) and "keep" in n):
+        assert int(unit["stage"]) == 3 and (np.asarray(unit["keep"]).sum(1) == unit["keep"].shape[1] // 4).all()
+    small, condensed = condense(model, variables)
+    x = jnp.asarray(rng.standard_normal((3, 16, 16, 3)), jnp.float32)
+    want = model.apply(variables, x)
+    got = small.apply(condensed, x)
+    # The condensed net sums the same products per output as the masked one (minus exact zeros), in another order:
+    # rounding like sqrt(K) u per layer over L layers, x4 for BN, ReLU and pooling (as tests/test_convert.py).
+    fan_ins = [int(np.prod(k.shape[:-1])) for k in jax.tree.leaves(variables["params"]) if k.ndim > 1]
+    rel = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+    assert rel < 4 * len(fan_ins) * np.sqrt(max(fan_ins)) * U32, rel
+    assert count_params(condensed["params"]) < count_params(variables["params"])
+
+
+def test_the_condensed_classifier_keeps_the_inputs_of_largest_weight(rng):
+    model, variables = _train_through_condensation(rng, steps=4, condense_steps=2)
+    small, condensed = condense(model.clone(head_keep=0.5), variables)
+    kernel = np.asarray(variables["params"]["head"]["kernel"])
+    index = np.asarray(condensed["condense"]["head_select"]["index"])
+    norms = np.abs(kernel).sum(axis=1)
+    assert len(index) == len(norms) // 2 and norms[index].min() >= np.delete(norms, index).max()
+    np.testing.assert_array_equal(condensed["params"]["head"]["kernel"], kernel[index])
+    assert small.head_keep == 0.5 and small.condensed
+
+
+# --- FLGC ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_hard_assignments_are_one_hot_forward_and_softmax_backward(balanced, rng):
+    logits = jnp.asarray(rng.standard_normal((12, 3)), jnp.float32)
+    hard = ops.learned.hard_assignment(logits, balanced)
+    assert set(np.unique(np.asarray(hard)).tolist()) <= {0.0, 1.0} and (np.asarray(hard).sum(1) == 1).all()
+    if balanced:
+        assert (np.asarray(hard).sum(0) == 4).all()
+    else:
+        np.testing.assert_array_equal(np.argmax(hard, 1), np.argmax(logits, 1))
+    cotangent = jnp.asarray(rng.standard_normal((12, 3)), jnp.float32)
+    got = jax.vjp(lambda z: ops.learned.hard_assignment(z, balanced), logits)[1](cotangent)[0]
+    want = jax.vjp(lambda z: jax.nn.softmax(z, axis=-1), logits)[1](cotangent)[0]
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_deployed_flgc_computes_the_layers_hard_forward(balanced, rng):
+    from gconv.layers import FullyLearnedGroupConv
+
+    layer = FullyLearnedGroupConv(8, (3, 3), groups=4, balanced=balanced, padding=((1, 1), (1, 1)))
+    x = jnp.asarray(rng.standard_normal((2, 6, 6, 12)), jnp.float32)
+    params = layer.init(jax.random.PRNGKey(0), x)["params"]
+    params = {**params, "input_groups": jnp.asarray(rng.standard_normal((12, 4)), jnp.float32),
+              "filter_groups": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32)}  # unequal groups unless balanced
+    want = layer.apply({"params": params}, x)
+    ins, outs = (ops.learned.assigned_groups(params[k], balanced) for k in ("input_groups", "filter_groups"))
+    got = ops.learned.assigned_conv(x, params["kernel"], ins, outs, 4, padding=((1, 1), (1, 1))) + params["bias"]
+    mask = np.asarray(ins)[:, None] == np.asarray(outs)[None, :]
+    masked = params["kernel"] * mask
+    conv = lambda a, w: ops.grouped_conv(a, w, 1, padding=((1, 1), (1, 1)))  # noqa: E731
+    # the same products per output, summed in another order (the layer adds exact zeros): 2 gamma(9 C_in) |x| |W|
+    assert_within(got, want, linear_bound(conv, x, masked, terms=9 * 12), f"balanced={balanced}")
+
+
+# --- a learned CondenseNet through launch.py: condensation state in the checkpoint, exact resume ------------------
+
+LEARNED = ["--config", "experiments/learned_groups.py:local", "--point", "learned", "--skip_analysis",
+           "--config.num_steps=40", "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
+           "--config.eval_every_steps=20"]
+
+
+@pytest.mark.slow
+def test_a_learned_condensenet_stopped_mid_condensation_resumes_exactly(tmp_path):
+    """40 steps condense over the first 20 (C = 4: stages entered at steps 7, 14 and 20); a SIGTERM after the first
+    metrics stops the run inside that schedule, and the relaunch must give the uninterrupted run's metrics."""
+    import signal
+
+    from conftest import has_content, launch, start, strip_timing, wait_until
+    from gconv.metrics_log import read_metrics
+
+    launch(*LEARNED, "--workdir", str(tmp_path / "straight"))
+    run = tmp_path / "stopped" / "learned"
+    proc = start(*LEARNED, "--workdir", str(tmp_path / "stopped"))
+    wait_until(lambda: has_content(run / "metrics.jsonl"), proc, "the first metrics")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    saved = int(out.split("SIGTERM: saved checkpoint at step ")[1].split()[0].rstrip(".;,"))
+    assert saved < 20, f"the run reached step {saved} before the signal: no condensation stage left to resume into"
+    launch(*LEARNED, "--workdir", str(tmp_path / "stopped"))
+    records = lambda d: strip_timing(read_metrics(d / "learned" / "metrics.jsonl"))  # noqa: E731
+    assert records(tmp_path / "stopped") == records(tmp_path / "straight")
