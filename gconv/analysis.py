@@ -1,4 +1,5 @@
-"""What groups learn: inter-layer filter correlation (Ioannou et al. 2017), kernel views, compute breakdowns.
+"""What groups learn: inter-layer filter correlation (Ioannou et al. 2017), kernel views, compute breakdowns, and
+which inputs learned groups keep (CondenseNet's masks) and whether they keep correlated inputs together.
 
 Pure functions over a model, its variables and a batch; nothing here trains.
 """
@@ -11,12 +12,13 @@ import jax
 import numpy as np
 
 from gconv.complexity import breakdown
-from gconv.layers import GroupedConv, record_calls
+from gconv.layers import GroupedConv, LearnedGroupConv, record_calls
 from gconv.models import family_of
 
 __all__ = ["layer_outputs", "filter_correlation", "filter_correlations", "block_diagonality", "block_means",
            "score_blocks", "kernel_views", "first_layer_view", "first_layer_by_group", "colour_scores", "group_colour_scores",
-           "default_layer_pairs", "compute_breakdown"]
+           "default_layer_pairs", "compute_breakdown", "learned_masks", "connectivity_view", "kept_fractions",
+           "learned_input_correlations", "learned_group_score"]
 
 
 def _capture(model: nn.Module, variables: Any, batch: jax.Array, paths: Sequence[str]) -> dict[str, Any]:
@@ -215,3 +217,65 @@ def compute_breakdown(model: nn.Module, input_shape: Sequence[int]) -> dict[str,
     for (stage, kind), cost in breakdown(model, input_shape).items():
         table.setdefault(stage, {})[kind] = cost
     return table
+
+
+# --- learned groups (CondenseNet) ---------------------------------------------------------------------------------
+
+def learned_masks(variables: dict) -> dict[str, np.ndarray]:
+    """`{layer path: keep (G, C_in)}`: the inputs each group of every learned group conv keeps (`condense/.../keep`),
+    in call order."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(dict(variables.get("condense", {})))
+    return {"/".join(path[:-1]): np.asarray(value, bool) for path, value in flat.items() if path[-1] == "keep"}
+
+
+def connectivity_view(keep: Any) -> np.ndarray:
+    """`keep: (G, C_in)` as a 0/1 image with the inputs sorted by the first group that keeps them (inputs no group
+    keeps last): a grouping that partitions the inputs shows as blocks along the diagonal."""
+    keep = np.asarray(keep, bool)
+    first = np.where(keep.any(0), np.argmax(keep, axis=0), keep.shape[0])
+    return keep[:, np.argsort(first, kind="stable")].astype(np.float32)
+
+
+def kept_fractions(masks: dict[str, np.ndarray]) -> dict[str, float]:
+    """The share of (group, input) connections kept, per stage (the first component of each layer's path)."""
+    stages: dict[str, list[np.ndarray]] = {}
+    for path, keep in masks.items():
+        stages.setdefault(path.split("/")[0], []).append(keep.ravel())
+    return {stage: float(np.concatenate(parts).mean()) for stage, parts in stages.items()}
+
+
+def learned_input_correlations(model: nn.Module, variables: Any, batch: jax.Array) -> dict[str, np.ndarray]:
+    """`{layer path: |corr| (C_in, C_in)}` between the input channels of every learned group conv over the images
+    and positions of `batch` (eval mode): which inputs respond together."""
+    inputs: dict[str, Any] = {}
+
+    def record(module, args, out):
+        if isinstance(module, LearnedGroupConv):
+            inputs["/".join(module.scope.path)] = args[0]
+
+    def forward(v, x):
+        with record_calls(record):
+            model.apply(v, x, train=False)
+        return dict(inputs)
+
+    out = {}
+    for path, a in jax.jit(forward)(variables, batch).items():
+        a = np.asarray(a, np.float64).reshape(-1, a.shape[-1])
+        a = (a - a.mean(0)) / (a.std(0) + 1e-12)
+        out[path] = np.abs(a.T @ a) / a.shape[0]
+    return out
+
+
+def learned_group_score(keep: Any, corr: Any) -> dict[str, float]:
+    """Does a learned layer keep correlated inputs in the same group? `inside`: mean |corr| over pairs of distinct
+    inputs that some group keeps both of; `outside`: over pairs of kept inputs that no group keeps together; `ratio`
+    (chance: 1; no pair of either kind: NaN)."""
+    keep, corr = np.asarray(keep, bool), np.asarray(corr, np.float64)
+    together = (keep.T.astype(np.int64) @ keep.astype(np.int64)) > 0
+    kept = keep.any(0)
+    pairs = ~np.eye(len(kept), dtype=bool) & kept[:, None] & kept[None, :]
+    inside = float(corr[together & pairs].mean()) if (together & pairs).any() else float("nan")
+    outside = float(corr[~together & pairs].mean()) if (~together & pairs).any() else float("nan")
+    return {"inside": inside, "outside": outside, "ratio": inside / outside if outside else float("nan")}

@@ -136,7 +136,8 @@ class LearnedGroupConv(nn.Module):
                                                                       stage, self.factor), keep.value)
             reached.value = jnp.maximum(stage, reached.value)
         x, kernel = nn.dtypes.promote_dtype(x, ops.learned.masked_kernel(kernel, keep.value), dtype=self.dtype)
-        return ops.grouped_conv(x, kernel, 1)
+        with autotune.static() if self.is_initializing() else contextlib.nullcontext():
+            return ops.grouped_conv(x, kernel, 1)
 
 
 class GatherChannels(nn.Module):
@@ -154,8 +155,9 @@ class FullyLearnedGroupConv(nn.Module):
     """FLGC (Wang et al. 2019): a conv whose input channels and filters are each assigned to one of `groups` groups
     by learned logits (`input_groups: (C_in, groups)`, `filter_groups: (features, groups)`); input `i` reaches filter
     `o` only when both are assigned the same group: the kernel times that 0/1 mask. The forward pass uses the hard
-    assignments, the backward pass the softmax's gradients (straight-through). `balanced`: every group gets `C_in / groups` inputs and `features / groups` filters.
-    Initialised as a standard group conv (contiguous groups) plus noise. The kernel is stored dense,
+    assignments, the backward pass the softmax's gradients (straight-through). `balanced`: every group gets
+    `C_in / groups` inputs and `features / groups` filters. Initialised as a standard group conv (contiguous groups)
+    plus noise. The kernel is stored dense,
     `(*window, C_in, features)`; `ops.learned.assigned_conv` computes the deployed form.
     `x: (N, *spatial, C_in) -> (N, *spatial_out, features)`.
     """

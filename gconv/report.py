@@ -16,13 +16,16 @@ __all__ = ["load_summaries", "report_table", "point_table", "results", "analyze_
            "write_report"]
 
 FIRST_COLUMNS = [("point", "name", "{}"), ("model", "model", "{}")]  # (header, summary key, format)
+ANALYSIS_COLUMNS = [  # from each run's analysis (gconv.analysis)
+    ("block-diag. score", "block_diagonality", "{:.3f}"), ("chance", "chance", "{:.3f}"),
+    ("mean abs corr in / out", "inside_outside", "{}"), ("colour score by group", "colour_scores", "{}"),
+    ("learned groups: abs corr in / out", "learned_inside_outside", "{}")]
 COLUMNS = [  # after the model's own fields (each family's `fields_of`: cardinality, groups, width, ...)
     ("params", "params", "{:,}"), ("MMACs", "mmacs", "{:,.1f}"), ("acts", "acts", "{:,}"),
     ("final top-1 err (%)", "final_top1_error", "{:.2f}"), ("best top-1 err (%)", "best_top1_error", "{:.2f}"),
     ("paper top-1 err (%)", "paper_top1_error", "{:.1f}"),
     ("final top-5 err (%)", "final_top5_error", "{:.2f}"), ("paper top-5 err (%)", "paper_top5_error", "{:.1f}"),
-    ("block-diag. score", "block_diagonality", "{:.3f}"), ("chance", "chance", "{:.3f}"),
-    ("mean abs corr in / out", "inside_outside", "{}"), ("colour score by group", "colour_scores", "{}"),
+    *ANALYSIS_COLUMNS,
     ("img/s", "img_per_sec", "{:,.0f}"),
     ("wall time (s)", "wall_time", "{:,.1f}"),
 ]
@@ -156,14 +159,44 @@ def _analyze_run(run_dir: epath.Path, num_images: int, checkpoint: str) -> dict[
         plots.save(fig, out_dir / "kernels_by_group.png")
 
     stages = analysis.compute_breakdown(model, info.image_shape)
+    learned = _learned_groups(model, variables, batch, out_dir, plt)
     mean = lambda key: float(np.mean([p[key] for p in pairs])) if pairs else None  # noqa: E731
     result = {"step": step, "pairs": pairs, "breakdown": stages, "first_layer": {
-        "layer": family.first_conv, "groups": first_groups, "colour_scores": colour}, "summary": {
-        "block_diagonality": mean("score"), "chance": mean("chance"), "inside": mean("inside"),
-        "outside": mean("outside"),
+        "layer": family.first_conv, "groups": first_groups, "colour_scores": colour}, "learned_groups": learned,
+        "summary": {"block_diagonality": mean("score"), "chance": mean("chance"), "inside": mean("inside"),
+        "outside": mean("outside"), "learned_inside_outside": learned and learned["inside_outside"],
         "colour_scores": " / ".join(f"{m:.2f} ± {sd:.2f}" for m, sd in colour) if colour and first_groups > 1 else None}}
     storage.write_json(out_dir / "analysis.json", result)
     return result
+
+
+def _learned_groups(model: Any, variables: dict, batch: Any, out_dir: epath.Path, plt: Any) -> dict | None:
+    """What a network's learned group convs (CondenseNet) kept: `learned_groups.png` (each drawn layer's groups x
+    inputs, inputs sorted by group), the kept share per stage, and per layer whether its groups keep correlated
+    inputs together (`analysis.learned_group_score`). None for a network without them."""
+    from gconv import analysis
+
+    masks = analysis.learned_masks(variables)
+    if not masks:
+        return None
+    corrs = analysis.learned_input_correlations(model, variables, batch)
+    layers = [{"layer": path, "groups": keep.shape[0], "kept": float(keep.mean()),
+               **analysis.learned_group_score(keep, corrs[path])} for path, keep in masks.items()]
+    shown = list(masks.items())[::max(1, len(masks) // 8)][:8]
+    fig, axes = plt.subplots(len(shown), 1, figsize=(6, 0.8 * len(shown) + 0.8), dpi=110, squeeze=False)
+    for ax, (path, keep), layer in zip(axes[:, 0], shown, layers[::max(1, len(masks) // 8)]):
+        ax.imshow(analysis.connectivity_view(keep), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest",
+                  aspect="auto")
+        ax.set_title(f"{path}: {keep.shape[0]} groups x {keep.shape[1]} inputs, kept {layer['kept']:.2f}, "
+                     f"|corr| in / out {layer['inside']:.2f} / {layer['outside']:.2f}", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    plots.save(fig, out_dir / "learned_groups.png")
+    inside = float(np.nanmean([layer["inside"] for layer in layers]))
+    outside = float(np.nanmean([layer["outside"] for layer in layers]))
+    return {"layers": layers, "kept_by_stage": analysis.kept_fractions(masks), "png": "learned_groups.png",
+            "inside_outside": f"{inside:.3f} / {outside:.3f}"}
 
 
 def _breakdown_of(run_dir: epath.Path) -> dict[str, float] | None:
@@ -207,9 +240,7 @@ def point_table(rows: list[dict[str, Any]]) -> str:
         (f"Δ vs {rows[0]['name']} (pp)", "delta_pp", "{}"), ("p (Welch)", "p_value", "{}"),
         ("p (Holm)", "p_holm_value", "{}"), ("verdict", "verdict", "{}"),
         ("paper top-1 err (%)", "paper_top1_error", "{:.1f}"), ("paper top-5 err (%)", "paper_top5_error", "{:.1f}"),
-        ("block-diag. score", "block_diagonality", "{:.3f}"), ("chance", "chance", "{:.3f}"),
-        ("mean abs corr in / out", "inside_outside", "{}"), ("colour score by group", "colour_scores", "{}"),
-        ("img/s", "img_per_sec", "{:,.0f}")])
+        *ANALYSIS_COLUMNS, ("img/s", "img_per_sec", "{:,.0f}")])
 
 
 def results(summaries: list[dict[str, Any]], rows: list[dict[str, Any]] | None = None) -> str:

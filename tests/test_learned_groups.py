@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gconv import ops
+from gconv import analysis, ops
 from gconv.complexity import count_macs, count_params
 from gconv.models import create_model
 from gconv.models.condensenet import condense
@@ -236,3 +236,56 @@ def test_a_learned_condensenet_stopped_mid_condensation_resumes_exactly(tmp_path
     launch(*LEARNED, "--workdir", str(tmp_path / "stopped"))
     records = lambda d: strip_timing(read_metrics(d / "learned" / "metrics.jsonl"))  # noqa: E731
     assert records(tmp_path / "stopped") == records(tmp_path / "straight")
+
+
+# --- what the groups learned ---------------------------------------------------------------------------------------
+
+def test_the_learned_group_score_finds_groups_that_keep_correlated_inputs_together(rng):
+    """Inputs 0, 2, 4, 6 respond together, and so do 1, 3, 5, 7 (|corr| 0.9 within, 0.1 across): groups that keep
+    the parities apart score 9, groups that mix them score lower, and the view sorts the inputs into blocks."""
+    parity = np.arange(8) % 2
+    corr = np.where(parity[:, None] == parity[None, :], 0.9, 0.1)
+    np.fill_diagonal(corr, 1.0)
+    apart = np.stack([parity == 0, parity == 1])
+    score = analysis.learned_group_score(apart, corr)
+    assert score["inside"] == pytest.approx(0.9) and score["outside"] == pytest.approx(0.1)
+    assert score["ratio"] == pytest.approx(9.0)
+    mixed = np.stack([np.arange(8) < 4, np.arange(8) >= 4])  # two of each parity per group
+    assert analysis.learned_group_score(mixed, corr)["ratio"] < score["ratio"]
+    shuffled = apart[:, rng.permutation(8)]
+    np.testing.assert_array_equal(analysis.connectivity_view(shuffled),
+                                  np.kron(np.eye(2), np.ones((1, 4))).astype(np.float32))
+    masks = {"stage1/unit0/conv1": apart, "stage1/unit1/conv1": np.ones((2, 8), bool), "stage2/unit0/conv1": apart}
+    assert analysis.kept_fractions(masks) == {"stage1": 0.75, "stage2": 0.5}
+
+
+def test_learned_input_correlations_are_those_of_the_layers_inputs(rng):
+    model, variables = _train_through_condensation(rng, steps=4, condense_steps=2)
+    x = jnp.asarray(rng.standard_normal((4, 16, 16, 3)), jnp.float32)
+    corrs = analysis.learned_input_correlations(model, variables, x)
+    masks = analysis.learned_masks(variables)
+    assert list(corrs) == list(masks) == [f"stage{s}/unit{u}/conv1" for s in (1, 2) for u in (0, 1)]
+    for path, corr in corrs.items():
+        assert corr.shape == (masks[path].shape[1],) * 2 and np.allclose(corr, corr.T)
+        live = np.diag(corr) > 0.5  # a channel that never varies (a dead ReLU) has no correlation
+        np.testing.assert_allclose(np.diag(corr)[live], 1.0, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_local_experiment_reports_what_the_groups_learned(cli, tmp_path):
+    import json
+
+    import matplotlib.image
+
+    assert cli("--config", "experiments/learned_groups.py:local", "--workdir", str(tmp_path),
+               "--config.mesh.data=1") == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| learned |" in report and "| fixed |" in report and "learned groups: abs corr in / out" in report
+    learned = json.loads((tmp_path / "learned" / "analysis" / "analysis.json").read_text())["learned_groups"]
+    assert [layer["layer"] for layer in learned["layers"]] == [f"stage{s}/unit0/conv1" for s in (1, 2, 3)]
+    assert all(layer["kept"] == 0.25 for layer in learned["layers"])  # C = 4: every stage passed, a quarter kept
+    assert learned["kept_by_stage"] == {"stage1": 0.25, "stage2": 0.25, "stage3": 0.25}
+    image = matplotlib.image.imread(tmp_path / "learned" / "analysis" / "learned_groups.png")
+    assert float(image[..., :3].std()) > 0.01
+    fixed = json.loads((tmp_path / "fixed" / "analysis" / "analysis.json").read_text())
+    assert fixed["learned_groups"] is None  # the condensed shape trained from the start learns no groups

@@ -114,6 +114,8 @@ def _tiny(name, **kw):
         small = dict(stage_sizes=(1,) * len(spec.get("stage_sizes", (4, 8, 4))))
     elif "depths" in fields:  # AnyNet
         small = dict(depths=(1,) * len(spec["depths"]))
+    elif "units" in fields:  # IGCV3
+        small = dict(units=(1,) * 7)
     else:
         small = dict(width_multiplier=0.25) | (dict(fc_features=32) if "fc_features" in fields else {})
     return create_model(name, num_classes=7, **small, **kw)

@@ -56,7 +56,7 @@ def test_nnx_grouped_conv_init_and_errors():
 # One block per stage for the deep ones: every layer kind, stem, stage and family of theirs, a quarter of the compile.
 ONE_BLOCK = {"resnext50_32x4d": {"stage_sizes": (1, 1, 1, 1)}, "resnet50_root8": {"stage_sizes": (1, 1, 1, 1)},
              "regnetx_200mf": {"depths": (1, 1, 1, 1)},
-             "condensenet86_cifar": {"stage_sizes": (1, 1, 1), "condense_steps": 4}}
+             "condensenet86_cifar": {"stage_sizes": (1, 1, 1), "condense_steps": 4}, "igcv3_wd4": {"units": (1,) * 7}}
 
 
 @pytest.mark.parametrize("name", tiered(REPRESENTATIVES, fast=["resnext11_8x4d"]))

@@ -11,6 +11,7 @@ Names: `igcv3_w1`, `igcv3_w3d4`, `igcv3_wd2`, `igcv3_wd4`, or `igcv3` with `widt
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -26,13 +27,20 @@ LAYERS = ((16, 1, False), (24, 4, True), (32, 6, True), (64, 8, True), (96, 6, F
           (320, 1, False))
 
 
-def stage_channels(width_multiplier: float) -> tuple[tuple[int, ...], ...]:
-    """Each stage's unit output channels at `width_multiplier` (each rounded down, then up to an even number)."""
+UNITS = tuple(units for _, units, _ in LAYERS)
+
+
+def stage_channels(width_multiplier: float, units: Sequence[int] = UNITS) -> tuple[tuple[int, ...], ...]:
+    """Each stage's unit output channels at `width_multiplier` (each rounded down, then up to an even number), with
+    `units[k]` units of the k-th row of `LAYERS`."""
+    if len(units) != len(LAYERS) or min(units) < 1:
+        raise ValueError(f"units={tuple(units)} must give {len(LAYERS)} counts >= 1, one per row of IGCV3's table "
+                         f"(its own: {UNITS}).")
     stages: list[list[int]] = []
-    for channels, units, new_stage in LAYERS:
+    for (channels, _, new_stage), count in zip(LAYERS, units):
         if new_stage or not stages:
             stages.append([])
-        stages[-1] += [_even(channels, width_multiplier)] * units
+        stages[-1] += [_even(channels, width_multiplier)] * count
     return tuple(map(tuple, stages))
 
 
@@ -76,8 +84,10 @@ class IGCV3Stage(nn.Module):
 
 
 class IGCV3(ClassifierNet):
-    """IGCV3-D at `width_multiplier`. `x: (N, H, W, 3) -> (N, num_classes)`."""
+    """IGCV3-D at `width_multiplier`. `x: (N, H, W, 3) -> (N, num_classes)`. `units`: the units of each row of
+    `LAYERS` (fewer for a shallower network of the same layout)."""
     width_multiplier: float = 1.0
+    units: Sequence[int] = UNITS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -86,7 +96,7 @@ class IGCV3(ClassifierNet):
         w = self.width_multiplier
         conv, norm = self.factories(train)
         x = nn.relu6(norm(name="stem_bn")(conv(_even(STEM, w), 3, strides=2, name="stem_conv")(x)))
-        for i, channels in enumerate(stage_channels(w)):
+        for i, channels in enumerate(stage_channels(w, self.units)):
             x = IGCV3Stage(channels, conv, norm, strides=1 if i == 0 else 2, first_expansion=1 if i == 0 else EXPANSION,
                            name=f"stage{i + 1}")(x)
         last = _even(LAST, w) if w > 1 else LAST
