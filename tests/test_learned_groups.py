@@ -289,3 +289,25 @@ def test_the_local_experiment_reports_what_the_groups_learned(cli, tmp_path):
     assert float(image[..., :3].std()) > 0.01
     fixed = json.loads((tmp_path / "fixed" / "analysis" / "analysis.json").read_text())
     assert fixed["learned_groups"] is None  # the condensed shape trained from the start learns no groups
+
+
+@pytest.mark.parametrize("group_conv", ["flgc", pytest.param("flgc_balanced", marks=pytest.mark.slow)])
+def test_any_family_learns_its_groups_by_a_config_field(group_conv, rng):
+    """`group_conv="flgc"` makes every group conv that is not depthwise an FLGC layer (dense kernel, assignment
+    logits), leaving dense and depthwise convs as they are; the model trains (the logits receive gradients)."""
+    model = create_model("shufflenet_g3_wd4", num_classes=5, stage_sizes=(1, 1, 1), group_conv=group_conv)
+    x = jnp.asarray(rng.standard_normal((2, 32, 32, 3)), jnp.float32)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    unit = variables["params"]["stage3"]["unit0"]
+    learned = {name for name, leaf in unit.items() if "input_groups" in leaf}
+    assert learned and all(unit[name]["kernel"].shape[-2] == unit[name]["input_groups"].shape[0] for name in learned)
+    assert all("input_groups" not in leaf for name, leaf in unit.items() if "dw" in name)  # depthwise stays fixed
+
+    def loss(params):
+        logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.mean(logits ** 2)
+
+    grads = jax.grad(loss)(variables["params"])["stage3"]["unit0"]
+    assert all(float(jnp.abs(grads[name]["input_groups"]).sum()) > 0 for name in learned)
+    with pytest.raises(ValueError, match="group_conv='learned' is not one of"):
+        create_model("shufflenet_g3_wd4", group_conv="learned").init(jax.random.PRNGKey(0), x)
