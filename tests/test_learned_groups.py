@@ -9,7 +9,7 @@ from gconv import analysis, ops
 from gconv.complexity import count_macs, count_params
 from gconv.models import create_model
 from gconv.models.condensenet import condense
-from tolerance import U32, assert_within, linear_bound
+from tolerance import U32, assert_within, gamma, linear_bound
 
 # imgclsmob (pytorchcv) `calc_net_weights` and its MAC counter (convolutions and linear layers), 224 x 224.
 IMGCLSMOB = {
@@ -90,6 +90,21 @@ def test_condensing_masks_drop_condensenets_inputs(groups, factor, rng):
         keep = ops.learned.condense_keep(jnp.asarray(w)[None, None], keep, jnp.int32(stage), factor)
     np.testing.assert_array_equal(np.asarray(keep), _reference_keep(weights, groups, factor))
     assert (np.asarray(keep).sum(1) == c_in // factor).all()
+
+
+def test_group_lasso_is_condensenets(rng):
+    """`LearnedGroupConv.lasso_loss`: (W * mask)^2 as (C_out / G, G, C_in) (filter o = k G + g), summed over k,
+    clamped at 1e-6, square-rooted and summed."""
+    groups, c_in, c_out = 4, 12, 8
+    kernel = rng.standard_normal((c_in, c_out)).astype(np.float32)
+    keep = rng.random((groups, c_in)) < 0.6
+    mask = keep[np.arange(c_out) % groups].T  # (C_in, C_out)
+    w = ((kernel.astype(np.float64) * mask).T ** 2).reshape(c_out // groups, groups, c_in).sum(0)
+    want = np.sqrt(np.maximum(w, 1e-6)).sum()  # in float64: the exact value, for float32's error
+    got = ops.learned.group_lasso(jnp.asarray(kernel)[None, None], jnp.asarray(keep))
+    # float32, every term positive: each squared norm sums C_out / G squares (gamma(C_out / G + 1)), its root halves
+    # that and rounds once (u), the total sums G * C_in roots (gamma(G * C_in)): relative errors that add
+    assert abs(float(got) - want) <= (gamma(c_out // groups + 1) + U32 + gamma(groups * c_in)) * want
 
 
 @pytest.mark.parametrize("groups,factor", [(2, 2), (4, 4), (4, 2)])

@@ -58,11 +58,11 @@ def masked_kernel(kernel: jax.Array, keep: jax.Array) -> jax.Array:
 
 
 def group_lasso(kernel: jax.Array, keep: jax.Array) -> jax.Array:
-    """CondenseNet's group-lasso term: the sum over groups and inputs of the L2 norm of an input's weights over the
-    group's filters (masked)."""
+    """CondenseNet's group-lasso term (`LearnedGroupConv.lasso_loss`): the sum over groups and inputs of the L2 norm
+    of an input's weights over the group's filters (masked; each squared norm clamped at 1e-6 first, as there)."""
     groups = keep.shape[0]
     w = jnp.square(masked_kernel(kernel, keep)).reshape(kernel.shape[-2], -1, groups)
-    return jnp.sum(jnp.sqrt(jnp.maximum(jnp.sum(w, axis=1), 1e-12)))
+    return jnp.sum(jnp.sqrt(jnp.maximum(jnp.sum(w, axis=1), 1e-6)))
 
 
 def condensed_kernel(kernel: jax.Array, index: jax.Array, groups: int) -> jax.Array:
