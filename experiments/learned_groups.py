@@ -3,6 +3,8 @@
   learned   G = C = 4 learned 1x1 group convs, condensed over the first half of training (the paper's network)
   fixed     the condensed network's shape from the first step: 4-group 1x1 convs on inputs in their own order, then
             the shuffle; the same parameters and MACs as `learned` after condensing
+  flgc      that shape with every group conv an FLGC layer (balanced: input channels and filters learn which of the
+            4 groups they join), the same MACs once deployed (a permutation and a group conv)
 
 Recipe (CondenseNet's script.sh and main.py): SGD momentum 0.9 (Nesterov), lr 0.1 with a cosine schedule, batch
 64, weight decay 1e-4, 300 epochs. The paper: 5.06 % CIFAR-10 error for the learned network.
@@ -20,7 +22,8 @@ VARIANTS = ("digits", "local")  # the :arg names this file takes
 
 def get_config(arg=None):
     config = base_config()
-    config.model = ml_collections.ConfigDict(dict(name="condensenet86_cifar", condensed=False, dtype="float32"))
+    config.model = ml_collections.ConfigDict(dict(name="condensenet86_cifar", condensed=False, group_conv="fixed",
+                                                  dtype="float32"))
     config.data.name = "cifar10"
     config.data.batch_size = 64
     config.optim.learning_rate = 0.1
@@ -45,5 +48,7 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
     paper = arg is None
-    return [{"name": name, "model.condensed": name == "fixed",
-             "paper_top1_error": PAPER_ERROR.get(name, -1.0) if paper else -1.0} for name in ("learned", "fixed")]
+    return [{"name": name, "model.condensed": name != "learned",
+             "model.group_conv": "flgc_balanced" if name == "flgc" else "fixed",
+             "paper_top1_error": PAPER_ERROR.get(name, -1.0) if paper else -1.0}
+            for name in ("learned", "fixed", "flgc")]

@@ -295,7 +295,8 @@ def test_the_local_experiment_reports_what_the_groups_learned(cli, tmp_path):
     assert cli("--config", "experiments/learned_groups.py:local", "--workdir", str(tmp_path),
                "--config.mesh.data=1") == 0
     report = (tmp_path / "report.md").read_text()
-    assert "| learned |" in report and "| fixed |" in report and "learned groups: abs corr in / out" in report
+    assert all(f"| {point} |" in report for point in ("learned", "fixed", "flgc"))
+    assert "learned groups: abs corr in / out" in report
     learned = json.loads((tmp_path / "learned" / "analysis" / "analysis.json").read_text())["learned_groups"]
     assert [layer["layer"] for layer in learned["layers"]] == [f"stage{s}/unit0/conv1" for s in (1, 2, 3)]
     assert all(layer["kept"] == 0.25 for layer in learned["layers"])  # C = 4: every stage passed, a quarter kept

@@ -189,7 +189,7 @@ FAMILY = ModelFamily(
     name="condensenet", module=CondenseNet, parse=parse_name, variants=VARIANTS,
     name_fields=("stage_sizes", "growth_rates", "stem_strides", "groups", "condense_factor"), bare_name="condensenet",
     name_of=name_of, fields_of=lambda m: {"groups": m.groups, "condense factor": m.factor,
-                                          "condensed": m.condensed},
+                                          "condensed": m.condensed, "group conv": m.group_conv},
     sweep_axis="groups", torch_name=_torch_name, groups_of=lambda m: m.groups,
     input_shape=lambda m: (224, 224, 3) if m.stem_strides == 2 else (32, 32, 3),
     for_run=lambda m, total_steps: m if m.condensed or m.condense_steps else m.clone(
