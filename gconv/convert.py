@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,25 +30,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gconv.models import create_model, family_of
+from gconv.models import FAMILIES, create_model, family_of
 
 __all__ = ["load_torch_weights", "load_torch_weights_for", "load_pretrained", "pretrained_file", "PRETRAINED",
-           "read_state_dict", "torch_key"]
+           "published_weights", "read_state_dict", "torch_key"]
 
-_TV = "https://download.pytorch.org/models/"
-# (model, tag) -> URL of published weights. The hex after the last "-" of the file name is the start of the file's
-# SHA-256 (torch.hub's rule), checked after download. tv_in1k: torchvision's IMAGENET1K_V1, tv2_in1k: IMAGENET1K_V2.
-PRETRAINED = {
-    ("resnext50_32x4d", "tv_in1k"): _TV + "resnext50_32x4d-7cdf4587.pth",
-    ("resnext50_32x4d", "tv2_in1k"): _TV + "resnext50_32x4d-1a0047aa.pth",
-    ("resnext101_32x8d", "tv_in1k"): _TV + "resnext101_32x8d-8ba56ff5.pth",
-    ("resnext101_32x8d", "tv2_in1k"): _TV + "resnext101_32x8d-110c445d.pth",
-    ("resnext101_64x4d", "tv_in1k"): _TV + "resnext101_64x4d-173b62eb.pth",
-    ("shufflenet_v2_x0_5", "tv_in1k"): _TV + "shufflenetv2_x0.5-f707e7126e.pth",
-    ("shufflenet_v2_x1_0", "tv_in1k"): _TV + "shufflenetv2_x1-5666bf0f80.pth",
-    ("shufflenet_v2_x1_5", "tv_in1k"): _TV + "shufflenetv2_x1_5-3c479a10.pth",
-    ("shufflenet_v2_x2_0", "tv_in1k"): _TV + "shufflenetv2_x2_0-8be3c8ee.pth",
-}
+# (model, tag) -> URL of published weights beyond those the families list (`ModelFamily.weights`); see
+# `published_weights` and `pretrained_file`.
+PRETRAINED: dict[tuple[str, str], str] = {}
+
+
+def published_weights() -> dict[tuple[str, str], str]:
+    """Every `(model, tag) -> URL` of published weights: each registered family's `weights` and `PRETRAINED`'s.
+    tv_in1k / tv2_in1k: torchvision's IMAGENET1K_V1 / V2; cv_in1k: imgclsmob's (pytorchcv's) ImageNet-1k weights."""
+    return {key: url for family in FAMILIES for key, url in family.weights.items()} | PRETRAINED
+
 
 _LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var",
            "index": "index"}  # a condensed CondenseNet's gathers (`condense` collection)
@@ -148,7 +146,7 @@ def init_from_path(config: Any) -> Path:
 
 
 def load_torch_weights_for(config: Any, num_classes: int) -> dict[str, Any]:
-    """`load_torch_weights` for a run's config: its `init_from` (a file, or a tag of `PRETRAINED`) onto its model
+    """`load_torch_weights` for a run's config: its `init_from` (a file, or a tag of `published_weights`) onto its model
     (`config.model`), the classifier replaced by a fresh one (from `config.seed`) when the classes differ."""
     overrides = {k: v for k, v in config.model.items() if k not in ("name", "dtype")}
     return load_torch_weights(config.model.name, init_from_path(config), num_classes=num_classes, seed=config.seed,
@@ -161,41 +159,63 @@ def pretrained_file(model_name: str, tag: str) -> Path:
     download is not kept) and `FileNotFoundError` when it is not cached and cannot be downloaded."""
     from gconv import storage
 
-    url = PRETRAINED.get((model_name, tag))
+    published = published_weights()
+    url = published.get((model_name, tag))
     if url is None:
-        known = sorted(t for name, t in PRETRAINED if name == model_name)
+        known = sorted(t for name, t in published if name == model_name)
         raise ValueError(f"no published weights {tag!r} for {model_name}: known tags {known or 'none'}; models with "
-                         f"weights: {sorted({name for name, _ in PRETRAINED})}.")
+                         f"weights: {sorted({name for name, _ in published})}.")
     filename = url.rsplit("/", 1)[1]
-    path = Path(storage.cache_dir()) / filename
+    zipped = filename.endswith(".zip")
+    path = Path(storage.cache_dir()) / filename.removesuffix(".zip")
     if path.is_file():
         return path
-    expected = re.search(r"-([0-9a-f]+)\.[a-z]+$", filename).group(1)
+    expected = re.search(r"-([0-9a-f]+)\.[a-z]+$", path.name).group(1)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{filename}.{os.getpid()}.part")
-    digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-    except (OSError, urllib.error.URLError) as e:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+                shutil.copyfileobj(response, out, 1 << 20)
+        except (OSError, urllib.error.URLError) as e:
+            raise FileNotFoundError(
+                f"{model_name} weights {tag!r} are not cached and could not be downloaded from {url} (no network? "
+                f"{getattr(e, 'reason', e)}): download that file on a machine with internet access into "
+                f"{path.parent}{' and unzip it' if zipped else ''} (GCONV_CACHE=DIR reads DIR/weights), or pass "
+                f"--config.init_from=PATH.") from e
+        if zipped:  # imgclsmob's release: one file, named as the weights
+            _unzip_one(partial, path.name, url)
+        digest = (hashlib.sha1 if zipped else hashlib.sha256)(partial.read_bytes()).hexdigest()
+        if not digest.startswith(expected):
+            raise ValueError(f"{url}: {'SHA-1' if zipped else 'SHA-256'} {digest[:16]}... does not start with "
+                             f"{expected} as its name says; the download was damaged or the file changed. Nothing "
+                             f"was kept; try again.")
+        os.replace(partial, path)
+    finally:
         partial.unlink(missing_ok=True)
-        raise FileNotFoundError(
-            f"{model_name} weights {tag!r} are not cached and could not be downloaded from {url} (no network? "
-            f"{getattr(e, 'reason', e)}): download that file on a machine with internet access into {path.parent} "
-            f"(GCONV_CACHE=DIR reads DIR/weights), or pass --config.init_from=PATH.") from e
-    if not digest.hexdigest().startswith(expected):
-        partial.unlink()
-        raise ValueError(f"{url}: SHA-256 {digest.hexdigest()[:16]}... does not start with {expected} as its name "
-                         f"says; the download was damaged or the file changed. Nothing was kept; try again.")
-    os.replace(partial, path)
     return path
+
+
+def _unzip_one(archive: Path, member: str, url: str) -> None:
+    """Replaces the zip `archive` by its one file `member`."""
+    try:
+        with zipfile.ZipFile(archive) as z:
+            if z.namelist() != [member]:
+                raise ValueError(f"{url}: holds {z.namelist()}, not the one file {member!r} its name promises. "
+                                 f"Nothing was kept.")
+            data = z.read(member)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{url}: not a readable zip ({e}); the download was damaged. Nothing was kept; try "
+                         f"again.") from e
+    archive.write_bytes(data)
 
 
 def load_pretrained(model_name: str, tag: str, num_classes: int | None = None, seed: int = 0,
                     **model_overrides: Any) -> dict[str, Any]:
-    """Flax variables of published weights (`PRETRAINED`: torchvision's ResNeXt and ShuffleNet v2), downloaded once
-    and cached (see `pretrained_file`), converted by `load_torch_weights`."""
+    """Flax variables of published weights (`published_weights`: torchvision's ResNeXt and ShuffleNet v2,
+    imgclsmob's CondenseNet-74 and IGCV3), downloaded once and cached (see `pretrained_file`), converted by
+    `load_torch_weights` onto the network they were trained as (the family's `weights_fields`: CondenseNet's
+    condensed one)."""
+    fields = {**family_of(model_name).weights_fields, **model_overrides}
     return load_torch_weights(model_name, pretrained_file(model_name, tag), num_classes=num_classes, seed=seed,
-                              **model_overrides)
+                              **fields)

@@ -106,12 +106,15 @@ class LearnedGroupConv(nn.Module):
     times the mask of the inputs each group keeps (variables `condense/keep: (groups, C_in)` and `condense/stage`).
     Called with the training `stage` (`ops.learned.condensation_stage`) while the `condense` collection is mutable,
     the layer enters the stages it has not reached: each group drops `C_in / condense_factor` more inputs, those of
-    least L1 norm over its filters. `x: (N, H, W, C_in) -> (N, H, W, features)`. Condensed (`ops.learned`), it is
+    least L1 norm over its filters. `lasso` > 0 sows `lasso * ops.learned.group_lasso` into the `losses` collection
+    while it is mutable and the layer is not fully condensed (CondenseNet's `--group-lasso-lambda`; training adds
+    the collection to the loss). `x: (N, H, W, C_in) -> (N, H, W, features)`. Condensed (`ops.learned`), it is
     `GatherChannels`, a `groups`-group 1x1 `GroupedConv` and `channel_shuffle(., groups)`.
     """
     features: int
     groups: int
     condense_factor: int = 0  # 0: equal to groups
+    lasso: float = 0.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     kernel_init: Initializer = nn.initializers.he_normal()
@@ -135,6 +138,9 @@ class LearnedGroupConv(nn.Module):
             keep.value = jnp.where(entered, ops.learned.condense_keep(jax.lax.stop_gradient(kernel), keep.value,
                                                                       stage, self.factor), keep.value)
             reached.value = jnp.maximum(stage, reached.value)
+        if self.lasso and self.is_mutable_collection("losses") and not self.is_initializing():
+            term = jnp.where(reached.value < self.factor - 1, ops.learned.group_lasso(kernel, keep.value), 0.0)
+            self.sow("losses", "group_lasso", self.lasso * term)
         x, kernel = nn.dtypes.promote_dtype(x, ops.learned.masked_kernel(kernel, keep.value), dtype=self.dtype)
         with autotune.static() if self.is_initializing() else contextlib.nullcontext():
             return ops.grouped_conv(x, kernel, 1)

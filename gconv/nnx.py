@@ -110,10 +110,12 @@ class Model(nnx.Module):
         state = [c for c in self.collections if c != "params"]  # BatchNorm's averages, CondenseNet's masks, ...
         if not train or not state:
             return self.definition.apply(variables, x, train=train, rngs=rngs)
-        y, updates = self.definition.apply(variables, x, train=True, rngs=rngs, mutable=state)
+        y, updates = self.definition.apply(variables, x, train=True, rngs=rngs, mutable=[*state, "losses"])
         for collection in state:
             jax.tree.map(lambda var, value: var.set_value(value), getattr(self, collection), dict(updates[collection]),
                          is_leaf=_is_variable)
+        if "losses" in updates:  # terms the model adds to the loss (CondenseNet's group lasso), NNX's way:
+            self.losses = nnx.Intermediate(sum(jax.tree.leaves(updates["losses"])))  # nnx.pop(model, Intermediate)
         return y
 
 

@@ -60,9 +60,8 @@ def _init(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple
         variables = model.init(init_rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))
         params = variables["params"]
         opt_state = tx.init(params) if hyper is None else with_hyperparams(tx.init(params), hyper)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get("batch_stats", {}), opt_state=opt_state, rng=rng,
-                          model_state=model_state(variables))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                          opt_state=opt_state, rng=rng, model_state=model_state(variables))
 
     return init
 
@@ -97,16 +96,17 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
                label_smoothing: float | jax.Array = 0.0, axis_name: str | None = None
                ) -> tuple[TrainState, dict]:
     """One SGD step on the global `batch` (`image: (B, H, W, C)`, `label: (B,)`): a global program, which `jax.jit`
-    partitions as the arrays' shardings say (gconv.parallel). Under `pmap` pass its axis name: each device's
-    gradients, metrics and BatchNorm statistics are averaged over it."""
+    partitions as the arrays' shardings say (gconv.parallel). Loss: cross-entropy + the model's `losses` collection.
+    Under `pmap` pass its axis name: each device's gradients, metrics and BatchNorm statistics are averaged."""
     dropout_rng = jax.random.fold_in(state.rng, state.step)  # dropout's masks: a function of (seed, step)
     if axis_name is not None:
         dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
 
     def loss_fn(params):
-        logits, mutated = model.apply({**state.variables(), "params": params}, batch["image"], train=True,
-                                      mutable=["batch_stats", *state.model_state], rngs={"dropout": dropout_rng})
-        return jnp.mean(_cross_entropy(logits, batch["label"], label_smoothing)), (logits, mutated)
+        logits, mutated = model.apply({**state.variables(), "params": params}, batch["image"], train=True, mutable=[
+            "batch_stats", "losses", *state.model_state], rngs={"dropout": dropout_rng})
+        added = sum(jax.tree.leaves(mutated.get("losses", {})))  # terms the model sows (CondenseNet's lasso)
+        return jnp.mean(_cross_entropy(logits, batch["label"], label_smoothing)) + added, (logits, mutated)
 
     (loss, (logits, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     batch_stats = mutated.get("batch_stats", {})

@@ -24,7 +24,7 @@ class TwoLayers(nn.Module):
 def _corr(groups_a, groups_b):
     x = jax.random.normal(jax.random.PRNGKey(0), (128, 12, 12, 16))  # independent channels, so independent groups
     model = TwoLayers(groups_a, groups_b)
-    variables = model.init(jax.random.PRNGKey(1), x)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
     return analysis.filter_correlation(model, variables, x, "a", "b")
 
 
@@ -43,7 +43,7 @@ def test_dense_random_network_scores_near_chance():
 def test_several_pairs_from_one_pass_equal_each_pair_alone():
     x = jax.random.normal(jax.random.PRNGKey(0), (16, 6, 6, 16))
     model = TwoLayers(2, 4)
-    variables = model.init(jax.random.PRNGKey(1), x)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
     pairs = [("a", "b"), ("b", "a")]
     for (corr, score, groups), pair in zip(analysis.filter_correlations(model, variables, x, pairs), pairs):
         alone = analysis.filter_correlation(model, variables, x, *pair)
@@ -158,7 +158,7 @@ def test_dense_network_has_no_block_structure(rng):
 def test_smaller_map_is_upsampled_nearest_neighbour(seed):
     x = jax.random.normal(jax.random.PRNGKey(seed), (8, 6, 6, 8))
     model = Linear(2, stride=2)
-    variables = model.init(jax.random.PRNGKey(1), x)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
     corr, _, _ = analysis.filter_correlation(model, variables, x, "a", "b")
     outs = analysis.layer_outputs(model, variables, x, ["a", "b"])
     a = np.asarray(outs["a"], np.float64).reshape(-1, 8)

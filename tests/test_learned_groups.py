@@ -1,5 +1,7 @@
 """Learned and interleaved groups: IGCV3's and CondenseNet's counts against imgclsmob, the condensation schedule and
 mask against CondenseNet's definition, and condensing (gather + group conv + shuffle) against the masked conv."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 
 from gconv import analysis, ops
 from gconv.complexity import count_macs, count_params
-from gconv.models import create_model
+from gconv.models import create_model, model_from_config
 from gconv.models.condensenet import condense
 from tolerance import U32, assert_within, gamma, linear_bound
 
@@ -142,7 +144,7 @@ def _train_through_condensation(rng, steps: int = 8, condense_steps: int = 4):
     model = create_model("condensenet", condense_steps=condense_steps, **TINY)
     x = jnp.asarray(rng.standard_normal((steps, 4, 16, 16, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 5, (steps, 4)))
-    variables = model.init(jax.random.PRNGKey(0), x[0])
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x[0])
 
     @jax.jit
     def step(variables, x, y):
@@ -223,6 +225,77 @@ def test_deployed_flgc_computes_the_layers_hard_forward(balanced, rng):
     assert_within(got, want, linear_bound(conv, x, masked, terms=9 * 12), f"balanced={balanced}")
 
 
+def test_group_lasso_joins_the_training_loss_until_the_last_stage(rng):
+    """`group_lasso=lam`: the train step's loss is the cross-entropy plus lam times each learned layer's
+    `ops.learned.group_lasso` (on the mask the step leaves), until the last condensation stage, where it is 0."""
+    import optax
+
+    from gconv import train
+    from gconv.config import base_config
+
+    optim = base_config().optim
+    optim.learning_rate, optim.weight_decay, optim.warmup_epochs = 0.0, 0.0, 0.0  # the state's parameters stay
+    lam, (tx, _) = 1e-3, train.create_optimizer(optim, 10, 100)
+    model = create_model("condensenet", condense_steps=4, group_lasso=lam, **TINY)
+    x = jnp.asarray(rng.standard_normal((4, 16, 16, 3)), jnp.float32)
+    batch = {"image": x, "label": jnp.asarray(rng.integers(0, 5, (4,)))}
+    state = train.create_train_state(model, tx, (16, 16, 3), seed=int(rng.integers(2**31)))
+    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx))
+    for i in range(6):  # steps 0..5 of a 4-step schedule: stages 0, 0, 1, 2, 3 (the last), 3
+        new, metrics = step(state, batch)
+        logits, _ = model.apply(state.variables(), x, train=True, mutable=["batch_stats", "condense"])
+        cross_entropy = float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])))
+        kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.params) if "conv1" in str(path)]
+        keeps = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(new.model_state) if "keep" in str(path)]
+        stages = {int(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(new.model_state)
+                  if "'stage'" in str(path)}
+        lasso = sum(float(ops.learned.group_lasso(k, m)) for k, m in zip(kernels, keeps, strict=True))
+        want = cross_entropy + (lam * lasso if stages != {3} else 0.0)
+        # the same sums in the same program up to fusion: a few roundings of the loss's magnitude
+        np.testing.assert_allclose(float(metrics["loss"]), want, rtol=64 * U32, err_msg=f"step {i}")
+        assert lam * lasso > 1e3 * 64 * U32 * want  # the term is visible above that tolerance
+        state = new
+    assert stages == {3}
+
+
+def test_flgc_learns_a_grouping_hidden_in_its_data(rng):
+    """64 FLGC layers (8 -> 8 channels, 2 balanced groups), each fitting a teacher whose inputs reach its filters in
+    two hidden blocks (random channels), trained at once (vmap). A trial succeeds when the learned assignment puts
+    exactly the teacher's input-filter pairs in the same group. Chance: 1 / 2450 (35 ways to halve the inputs, 35 the
+    filters, 2 pairings). The straight-through assignment gets stuck now and then (a filter outside its inputs' group
+    sees nothing it could learn from): 112/200 and 114/200 trials succeeded on two seeds, p ~ 0.56. At least 12 of 64
+    are asked: P(fewer | p = 0.45) = 2.6e-6, P(as many | chance) < 1e-15."""
+    import optax
+
+    from gconv.layers import FullyLearnedGroupConv
+
+    trials, c, groups, steps, batch = 64, 8, 2, 300, 256
+    gin = np.stack([rng.permutation(c) % groups for _ in range(trials)])  # each trial's hidden blocks
+    gout = np.stack([rng.permutation(c) % groups for _ in range(trials)])
+    same = gin[:, :, None] == gout[:, None, :]
+    teacher = jnp.asarray(rng.standard_normal((trials, c, c)) * same, jnp.float32)
+    layer = FullyLearnedGroupConv(c, (1, 1), groups=groups, balanced=True, use_bias=False)
+    keys = jax.random.split(jax.random.PRNGKey(int(rng.integers(2**31))), 2 * trials)
+    params = jax.vmap(lambda k: layer.init(k, jnp.zeros((1, 1, 1, c)))["params"])(keys[:trials])
+    opt = optax.adam(0.05)
+
+    def fit(params, teacher, key):
+        def step(carry, k):
+            p, state = carry
+            x = jax.random.normal(k, (batch, c))
+            loss = lambda q: jnp.mean((layer.apply({"params": q}, x[:, None, None])[:, 0, 0] - x @ teacher) ** 2)
+            updates, state = opt.update(jax.grad(loss)(p), state, p)
+            return (optax.apply_updates(p, updates), state), None
+        return jax.lax.scan(step, (params, opt.init(params)), jax.random.split(key, steps))[0][0]
+
+    params = jax.jit(jax.vmap(fit))(params, teacher, keys[trials:])
+    ins, outs = ([ops.learned.assigned_groups(z, balanced=True) for z in params[k]]
+                 for k in ("input_groups", "filter_groups"))
+    learned_same = np.stack([i[:, None] == o[None, :] for i, o in zip(ins, outs)])
+    found = int((learned_same == same).all(axis=(1, 2)).sum())
+    assert found >= 12, f"{found} of {trials} FLGC layers learned the hidden grouping (at least 12 expected)"
+
+
 # --- a learned CondenseNet through launch.py: condensation state in the checkpoint, exact resume ------------------
 
 LEARNED = ["--config", "experiments/learned_groups.py:local", "--point", "learned", "--skip_analysis",
@@ -286,6 +359,24 @@ def test_learned_input_correlations_are_those_of_the_layers_inputs(rng):
         np.testing.assert_allclose(np.diag(corr)[live], 1.0, rtol=1e-6)
 
 
+def test_the_experiments_points_are_matched_in_macs():
+    """experiments/learned_groups.py at CondenseNet-86: the dense point (half the growth, no groups) within 1 % of
+    the condensed network's MACs, which the learned one reaches by condensing and the fixed one has throughout."""
+    from gconv.config import apply_overrides, load_experiment
+
+    config, sweep = load_experiment("experiments/learned_groups.py")
+    macs = {}
+    for point in sweep:
+        point_config = apply_overrides(config.copy_and_resolve_references(),
+                                       {k: v for k, v in point.items() if k != "name"})
+        model = model_from_config(point_config.model, 10)
+        if point["name"] == "learned":
+            model = model.clone(condensed=True)  # what it condenses to
+        macs[point["name"]] = count_macs(model, (32, 32, 3))
+    assert macs["learned"] == macs["fixed"] == 62_377_888
+    assert abs(macs["dense"] / macs["fixed"] - 1) < 0.01, macs
+
+
 @pytest.mark.slow
 def test_the_local_experiment_reports_what_the_groups_learned(cli, tmp_path):
     import json
@@ -295,7 +386,7 @@ def test_the_local_experiment_reports_what_the_groups_learned(cli, tmp_path):
     assert cli("--config", "experiments/learned_groups.py:local", "--workdir", str(tmp_path),
                "--config.mesh.data=1") == 0
     report = (tmp_path / "report.md").read_text()
-    assert all(f"| {point} |" in report for point in ("learned", "fixed", "flgc"))
+    assert all(f"| {point} |" in report for point in ("dense", "learned", "fixed", "flgc"))
     assert "learned groups: abs corr in / out" in report
     learned = json.loads((tmp_path / "learned" / "analysis" / "analysis.json").read_text())["learned_groups"]
     assert [layer["layer"] for layer in learned["layers"]] == [f"stage{s}/unit0/conv1" for s in (1, 2, 3)]
@@ -313,7 +404,7 @@ def test_any_family_learns_its_groups_by_a_config_field(group_conv, rng):
     logits), leaving dense and depthwise convs as they are; the model trains (the logits receive gradients)."""
     model = create_model("shufflenet_g3_wd4", num_classes=5, stage_sizes=(1, 1, 1), group_conv=group_conv)
     x = jnp.asarray(rng.standard_normal((2, 32, 32, 3)), jnp.float32)
-    variables = model.init(jax.random.PRNGKey(0), x)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
     unit = variables["params"]["stage3"]["unit0"]
     learned = {name for name, leaf in unit.items() if "input_groups" in leaf}
     assert learned and all(unit[name]["kernel"].shape[-2] == unit[name]["input_groups"].shape[0] for name in learned)
@@ -323,7 +414,7 @@ def test_any_family_learns_its_groups_by_a_config_field(group_conv, rng):
         logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
         return jnp.mean(logits ** 2)
 
-    grads = jax.grad(loss)(variables["params"])["stage3"]["unit0"]
+    grads = jax.jit(jax.grad(loss))(variables["params"])["stage3"]["unit0"]
     assert all(float(jnp.abs(grads[name]["input_groups"]).sum()) > 0 for name in learned)
     with pytest.raises(ValueError, match="group_conv='learned' is not one of"):
         create_model("shufflenet_g3_wd4", group_conv="learned").init(jax.random.PRNGKey(0), x)

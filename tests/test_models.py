@@ -172,7 +172,7 @@ def test_every_parameter_receives_a_gradient(name):
     res = _input_size(model)
     x = jax.random.normal(jax.random.PRNGKey(1), (4, res, res, 3))
     y = jnp.arange(4) % 7
-    variables = model.init(jax.random.PRNGKey(0), x)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
     loss, grads = _loss_and_grads(model, variables, x, y)
     assert np.isfinite(float(loss))
     dead = [jax.tree_util.keystr(p) for p, g in jax.tree_util.tree_leaves_with_path(grads)
@@ -183,16 +183,17 @@ def test_every_parameter_receives_a_gradient(name):
 def test_batchnorm_train_vs_eval():
     model = _tiny("resnext11_4x4d", bn_momentum=0.5)
     x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(1), (8, 16, 16, 3))
-    variables = model.init(jax.random.PRNGKey(0), x)
-    train_out, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    train_out, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
     stats_before = variables["batch_stats"]["stem_bn"]
     stats_after = updates["batch_stats"]["stem_bn"]
     assert not np.allclose(stats_before["mean"], stats_after["mean"])  # running stats move in training
-    eval_out = model.apply(variables, x, train=False)
+    evaluate = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    eval_out = evaluate(variables, x)
     assert not np.allclose(train_out, eval_out)  # batch vs running statistics
-    np.testing.assert_array_equal(eval_out, model.apply(variables, x, train=False))  # eval is deterministic
+    np.testing.assert_array_equal(eval_out, evaluate(variables, x))  # eval is deterministic
     with pytest.raises(Exception):  # training without a mutable batch_stats is a mistake, not silently ignored
-        model.apply(variables, x, train=True)
+        jax.eval_shape(lambda: model.apply(variables, x, train=True))
 
 
 @pytest.mark.parametrize("name", tiered(["resnext11_4x4d", "shufflenet_g2_wd2", "shufflenet_v2_x0_5"],
@@ -200,7 +201,7 @@ def test_batchnorm_train_vs_eval():
 def test_bf16_compute_with_f32_params(name):
     model, model16 = _tiny(name), _tiny(name, dtype=jnp.bfloat16)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
-    variables = model16.init(jax.random.PRNGKey(0), x)
+    variables = jax.jit(model16.init)(jax.random.PRNGKey(0), x)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
     logits16 = jax.jit(model16.apply)(variables, x)
     logits32 = jax.jit(model.apply)(variables, x)
@@ -217,9 +218,9 @@ def test_bf16_compute_with_f32_params(name):
 def test_shufflenet_shuffle_switch_changes_function_not_params():
     on, off = _tiny("shufflenet_g3_wd2"), _tiny("shufflenet_g3_wd2", shuffle=False)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
-    variables = on.init(jax.random.PRNGKey(0), x)
-    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, off.init(jax.random.PRNGKey(0), x))
-    assert not np.allclose(on.apply(variables, x), off.apply(variables, x))
+    variables = jax.jit(on.init)(jax.random.PRNGKey(0), x)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, jax.jit(off.init)(jax.random.PRNGKey(0), x))
+    assert not np.allclose(jax.jit(on.apply)(variables, x), jax.jit(off.apply)(variables, x))
 
 
 def test_bare_names_take_their_fields_and_configs_say_each_field_once():
@@ -267,7 +268,7 @@ def test_the_family_of_docs_models_md_registers_and_runs_everywhere():
         model = model_from_config({"name": "plaingroup", "groups": 8}, 10)
         assert family_of(model).name_of(model) == "plaingroup_g8"
         x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
-        variables = model.init(jax.random.PRNGKey(1), x)
+        variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
         assert model.apply(variables, x).shape == (2, 10)
         layers = [layer.path for layer in layer_costs(model, (16, 16, 3))]
         assert layers == ["stem_conv", "stage1_conv", "stage2_conv", "stage3_conv", "head"]

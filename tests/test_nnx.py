@@ -188,3 +188,19 @@ def test_nnx_models_carry_the_group_parallel_specs_and_place_themselves_under_a_
                              gnnx.to_linen(placed), want)
     assert all(jax.tree.leaves(placed_as)), placed_as
     _exact(gnnx.to_linen(placed), linen, "the placed model's values")
+
+
+def test_terms_a_model_adds_to_its_loss_are_nnx_intermediates():
+    """A model's `losses` collection (CondenseNet's group lasso) comes out of an NNX train call as
+    `nnx.Intermediate`, NNX's sown values: what `gconv.train.train_step` adds to the loss, bit for bit."""
+    model = create_model("condensenet", stage_sizes=(1, 1), growth_rates=(4, 8), groups=2, condense_steps=4,
+                         group_lasso=1e-3, stem_strides=1, num_classes=5)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    _, sown = model.apply(variables, x, train=True, mutable=["batch_stats", "condense", "losses"])
+    twin = gnnx.from_linen(model, variables)
+    twin.train()
+    twin(x)
+    got = nnx.pop(twin, nnx.Intermediate)["losses"][...]
+    _exact(got, sum(jax.tree.leaves(sown["losses"])), "losses")
+    assert float(got) > 0

@@ -73,6 +73,42 @@ def test_no_network_and_unknown_tags_say_what_to_do(server, tmp_path):
         convert.pretrained_file("resnext50_32x4d", "imagenet")
 
 
+def test_imgclsmob_releases_unzip_and_check_the_sha1(server, tmp_path, monkeypatch):
+    """imgclsmob's (pytorchcv's) weights come zipped, named with the start of the SHA-1 of the file inside."""
+    import zipfile
+
+    httpd, served = server
+    fixture = FIXTURE.with_name("imgclsmob_igcv3_wd4.safetensors")
+    inner = f"igcv3_wd4-2871-{hashlib.sha1(fixture.read_bytes()).hexdigest()[:8]}.safetensors"
+    with zipfile.ZipFile(served.parent / f"{inner}.zip", "w") as z:
+        z.write(fixture, inner)
+    port = httpd.server_address[1]
+    monkeypatch.setitem(convert.PRETRAINED, ("igcv3_wd4", "test"), f"http://127.0.0.1:{port}/{inner}.zip")
+    variables = convert.load_pretrained("igcv3_wd4", "test")
+    for got, expected in zip(jax.tree.leaves(variables), jax.tree.leaves(convert.load_torch_weights("igcv3_wd4",
+                                                                                                    fixture))):
+        np.testing.assert_array_equal(got, expected)
+    assert (tmp_path / "cache" / "weights" / inner).read_bytes() == fixture.read_bytes()
+    # a zip whose file does not have the hash its name says is refused, and nothing is kept
+    bad = inner.replace("igcv3_wd4-2871-", "igcv3_wd2-1732-")
+    with zipfile.ZipFile(served.parent / f"{bad}.zip", "w") as z:
+        z.writestr(bad, b"not the weights")
+    monkeypatch.setitem(convert.PRETRAINED, ("igcv3_wd2", "test"), f"http://127.0.0.1:{port}/{bad}.zip")
+    with pytest.raises(ValueError, match="SHA-1 .* does not start with"):
+        convert.pretrained_file("igcv3_wd2", "test")
+    assert sorted(p.name for p in (tmp_path / "cache" / "weights").iterdir()) == [inner]
+    # CondenseNet's published weights are the condensed network's: load_pretrained builds that one
+    tiny = FIXTURE.with_name("imgclsmob_condensenet74_tiny.safetensors")
+    name = f"condensenet74_c4_g4-0828-{hashlib.sha1(tiny.read_bytes()).hexdigest()[:8]}.safetensors"
+    with zipfile.ZipFile(served.parent / f"{name}.zip", "w") as z:
+        z.write(tiny, name)
+    monkeypatch.setitem(convert.PRETRAINED, ("condensenet74_c4_g4", "test"), f"http://127.0.0.1:{port}/{name}.zip")
+    growth = dict(growth_rates=(4, 4, 8, 8, 16))  # the fixture's small widths
+    got = convert.load_pretrained("condensenet74_c4_g4", "test", **growth)
+    want = convert.load_torch_weights("condensenet74_c4_g4", tiny, condensed=True, **growth)
+    assert jax.tree.structure(got) == jax.tree.structure(want) and "condense" in got
+
+
 def test_init_from_a_tag_on_the_command_line(server, cli, tmp_path, capsys):
     code = cli("--config", "experiments/shufflenet_groups.py:local", "--point", "g3_wd4", "--workdir",
                str(tmp_path / "run"), "--config.num_steps=1", "--config.mesh.data=1", "--config.init_from=tv_in1k")

@@ -120,7 +120,7 @@ def test_local_response_norm_equals_its_definition(seed):
 def test_dropout_is_on_in_training_only():
     model = create_model("alexnet_g2", width_multiplier=0.25, fc_features=32, num_classes=5)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 67, 67, 3))
-    variables = model.init(jax.random.PRNGKey(1), x)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
     eval_out = model.apply(variables, x)
     np.testing.assert_array_equal(eval_out, model.apply(variables, x))
     a = model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(2)})[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -15,6 +15,10 @@ from gconv.layers import FullyLearnedGroupConv, GroupedConv
 
 ModuleDef = Callable[..., nn.Module]
 LayerPath = tuple[str, ...]
+
+
+TORCHVISION = "https://download.pytorch.org/models/"  # the hex in a file's name: the start of its SHA-256
+IMGCLSMOB = "https://github.com/osmr/imgclsmob/releases/download/"  # zipped, the SHA-1 of the file inside
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,8 @@ class ModelFamily:
       weight conversion replaces it for another class count).
     for_run: a built module and the run's step count -> the module that run trains (CondenseNet: condensing over
       the first half of the run unless its config says otherwise).
+    weights: published PyTorch weights, `(variant, tag) -> URL` (`gconv.convert.pretrained_file` says how the URL
+      names its hash); weights_fields: the fields of the network they were trained as, beyond the name's.
 
     Code outside `gconv.models` reaches a family's layers through these paths (`params_at`), never by name.
     """
@@ -66,6 +72,8 @@ class ModelFamily:
     input_shape: Callable[[Any], tuple[int, int, int]] = lambda model: (224, 224, 3)
     head: str = "head"
     for_run: Callable[[Any, int], Any] = lambda model, total_steps: model
+    weights: Mapping[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+    weights_fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def params_at(self, params: dict, path: str) -> dict:
         """The parameters of the layer at `path` ("stage1/block0/conv_group") in a model's `params` tree."""

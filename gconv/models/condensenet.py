@@ -11,7 +11,8 @@ the last ends in BN -> ReLU -> global pool -> linear (condensed: the half of its
 
 The condensation schedule is a function of the training step, which the network counts itself (`condense/step`,
 advanced by every training call while the `condense` collection is mutable): the `condense_factor - 1` stages fall
-in the first `condense_steps` steps (CondenseNet: half the run).
+in the first `condense_steps` steps (CondenseNet: half the run). `group_lasso` > 0 adds CondenseNet's group-lasso
+term, times it, to the training loss until the last stage.
 
 Names: `condensenet74_c4_g4`, `condensenet74_c8_g8` (ImageNet), `condensenet{50,74,86,98,110,122}_cifar`
 (growth 8-16-32) and `condensenet182_cifar` (growth 12-24-48), or `condensenet` with the fields given.
@@ -29,7 +30,7 @@ import numpy as np
 
 from gconv import ops
 from gconv.layers import GatherChannels, LearnedGroupConv
-from gconv.models.common import ClassifierNet, ModelFamily, ModuleDef
+from gconv.models.common import IMGCLSMOB, ClassifierNet, ModelFamily, ModuleDef
 
 IMAGENET = dict(stage_sizes=(4, 6, 8, 10, 8), growth_rates=(8, 16, 32, 64, 128), stem_strides=2)
 CIFAR_DEPTHS = (50, 74, 86, 98, 110, 122, 182)
@@ -61,6 +62,7 @@ class CondenseUnit(nn.Module):
     norm: ModuleDef
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    group_lasso: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, stage: jax.Array | None = None) -> jax.Array:
@@ -71,7 +73,7 @@ class CondenseUnit(nn.Module):
             y = ops.channel_shuffle(self.conv(hidden, 1, groups=self.groups, name="conv1")(y), self.groups)
         else:
             y = nn.relu(self.norm(name="bn1")(x))
-            y = LearnedGroupConv(hidden, self.groups, self.condense_factor, dtype=self.dtype,
+            y = LearnedGroupConv(hidden, self.groups, self.condense_factor, self.group_lasso, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name="conv1")(y, stage)
         y = self.conv(self.growth, 3, groups=self.groups, name="conv2")(nn.relu(self.norm(name="bn2")(y)))
         return jnp.concatenate([x, y], axis=-1)
@@ -102,6 +104,7 @@ class CondenseNet(ClassifierNet):
     condensed: bool = False
     condense_steps: int = 0  # 0: half of the run's steps when launch.py trains it (FAMILY.for_run)
     head_keep: float = 0.5  # the condensed classifier's share of its inputs
+    group_lasso: float = 0.0  # CondenseNet's --group-lasso-lambda (0 in its recipes): lambda of the lasso term
 
     @property
     def factor(self) -> int:
@@ -119,7 +122,7 @@ class CondenseNet(ClassifierNet):
             if i:
                 x = avg_pool_2x2(x)
             unit = functools.partial(CondenseUnit, growth, self.groups, self.factor, self.bottleneck, self.condensed,
-                                     conv, norm, self.dtype, self.param_dtype)
+                                     conv, norm, self.dtype, self.param_dtype, self.group_lasso)
             x = DenseStage(units, unit, name=f"stage{i + 1}")(x, stage)
         x = jnp.mean(nn.relu(norm(name="last_bn")(x)), axis=(1, 2))
         if self.condensed:
@@ -193,7 +196,11 @@ FAMILY = ModelFamily(
     sweep_axis="groups", torch_name=_torch_name, groups_of=lambda m: m.groups,
     input_shape=lambda m: (224, 224, 3) if m.stem_strides == 2 else (32, 32, 3),
     for_run=lambda m, total_steps: m if m.condensed or m.condense_steps else m.clone(
-        condense_steps=max(1, total_steps // 2)))
+        condense_steps=max(1, total_steps // 2)),
+    weights={  # imgclsmob's conversion of the authors' condensed networks (top-1 error 26.25 / 28.93 %)
+        ("condensenet74_c4_g4", "cv_in1k"): IMGCLSMOB + "v0.0.4/condensenet74_c4_g4-0828-5ba55049.pth.zip",
+        ("condensenet74_c8_g8", "cv_in1k"): IMGCLSMOB + "v0.0.4/condensenet74_c8_g8-1006-3574d874.pth.zip"},
+    weights_fields=dict(condensed=True))
 
 
 def condense(model: CondenseNet, variables: dict) -> tuple[CondenseNet, dict]:

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 
 from gconv import ops
-from gconv.models.common import ClassifierNet, ModelFamily, ModuleDef, torch_namer
+from gconv.models.common import IMGCLSMOB, ClassifierNet, ModelFamily, ModuleDef, torch_namer
 
 GROUPS = 2  # both pointwise convs
 EXPANSION = 6
@@ -130,4 +130,9 @@ FAMILY = ModelFamily(
         {"stem_conv": "features.init_block.conv", "stem_bn": "features.init_block.bn",
          "last_conv": "features.final_block.conv", "last_bn": "features.final_block.bn", "head": "output"},
         lambda stage, j, layer: f"features.stage{stage}.unit{j + 1}.conv{layer[-1]}."
-                                f"{'bn' if layer.startswith('bn') else 'conv'}"))
+                                f"{'bn' if layer.startswith('bn') else 'conv'}"),
+    weights={(name, "cv_in1k"): f"{IMGCLSMOB}{release}/{name}-{error}-{sha1}.pth.zip"  # imgclsmob's, trained by them
+             for name, release, error, sha1 in (("igcv3_wd4", "v0.0.142", "2871", "c9f28301"),
+                                                ("igcv3_wd2", "v0.0.132", "1732", "8c504f44"),
+                                                ("igcv3_w3d4", "v0.0.207", "1140", "63f43cf8"),
+                                                ("igcv3_w1", "v0.0.243", "0920", "12385791"))})

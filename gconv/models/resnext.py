@@ -22,7 +22,8 @@ import flax.linen as nn
 import jax
 
 from gconv.ops.partition import MODEL
-from gconv.models.common import ClassifierNet, ModelFamily, ModuleDef, Stage, max_pool_3x3_s2, torch_namer
+from gconv.models.common import (TORCHVISION, ClassifierNet, ModelFamily, ModuleDef, Stage, max_pool_3x3_s2,
+                                 torch_namer)
 
 EXPANSION = 4
 
@@ -168,4 +169,10 @@ FAMILY = ModelFamily(
     layer_pairs=lambda m: [(f"stage{i + 1}/block0/conv_reduce", f"stage{i + 1}/block0/conv_group")
                            for i in range(len(m.stage_sizes))],  # the first block's (reduce 1x1, grouped 3x3)
     input_shape=lambda m: (32, 32, 3) if m.stem == "cifar" else (224, 224, 3),
+    weights={  # torchvision's IMAGENET1K_V1 (tv_in1k) and IMAGENET1K_V2 (tv2_in1k)
+        ("resnext50_32x4d", "tv_in1k"): TORCHVISION + "resnext50_32x4d-7cdf4587.pth",
+        ("resnext50_32x4d", "tv2_in1k"): TORCHVISION + "resnext50_32x4d-1a0047aa.pth",
+        ("resnext101_32x8d", "tv_in1k"): TORCHVISION + "resnext101_32x8d-8ba56ff5.pth",
+        ("resnext101_32x8d", "tv2_in1k"): TORCHVISION + "resnext101_32x8d-110c445d.pth",
+        ("resnext101_64x4d", "tv_in1k"): TORCHVISION + "resnext101_64x4d-173b62eb.pth"},
 )

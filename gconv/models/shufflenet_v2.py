@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from gconv import ops
-from gconv.models.common import ClassifierNet, ModelFamily, ModuleDef, Stage, max_pool_3x3_s2, torch_namer
+from gconv.models.common import (TORCHVISION, ClassifierNet, ModelFamily, ModuleDef, Stage, max_pool_3x3_s2,
+                                 torch_namer)
 
 # torchvision's stage output channels (stages 2-4, then the final 1x1 conv) for each width.
 CHANNELS = {
@@ -104,4 +105,9 @@ FAMILY = ModelFamily(
     sweep_axis="width",
     torch_name=torch_namer(  # torchvision layout
         {"stem_conv": "conv1.0", "stem_bn": "conv1.1", "last_conv": "conv5.0", "last_bn": "conv5.1", "head": "fc"},
-        lambda stage, j, layer: f"stage{stage}.{j}.{_TORCH_LAYERS[layer]}"))
+        lambda stage, j, layer: f"stage{stage}.{j}.{_TORCH_LAYERS[layer]}"),
+    weights={(name, "tv_in1k"): TORCHVISION + file for name, file in (  # torchvision's IMAGENET1K_V1
+        ("shufflenet_v2_x0_5", "shufflenetv2_x0.5-f707e7126e.pth"),
+        ("shufflenet_v2_x1_0", "shufflenetv2_x1-5666bf0f80.pth"),
+        ("shufflenet_v2_x1_5", "shufflenetv2_x1_5-3c479a10.pth"),
+        ("shufflenet_v2_x2_0", "shufflenetv2_x2_0-8be3c8ee.pth"))})
