@@ -7,6 +7,7 @@
     python launch.py analyze RUN_DIR                   # filter correlations, kernel views, compute of one run
     python launch.py eval RUN_DIR --checkpoint best    # top-1/top-5 error and loss of a run's checkpoint
     python launch.py eval WEIGHTS.pth --model resnext50_32x4d --config EXP.py   # a PyTorch file on EXP's data
+    python launch.py prepare --config EXP.py --config.data.data_dir=DIR   # download and prepare EXP's TFDS data
 On a multi-process platform (TPU pod, multi-host GPU) add --multiprocess: `jax.distributed.initialize()` runs
 first (from --coordinator_address/--num_processes/--process_id, the JAX_* variables, or the platform), only process
 0 writes logs and reports, and every process waits for the report before it exits.
@@ -23,7 +24,8 @@ DEBUG_ENV = "GCONV_DEBUG"
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="train", choices=["train", "report", "analyze", "eval"])
+    parser.add_argument("command", nargs="?", default="train",
+                        choices=["train", "report", "analyze", "eval", "prepare"])
     parser.add_argument("target", nargs="?", help="WORKDIR for `report`, RUN_DIR (WORKDIR/POINT) for `analyze`; "
                                                   "RUN_DIR or a .pth/.safetensors file for `eval`")
     parser.add_argument("--checkpoint", default="latest", help="eval/analyze: latest, best, or a step")
@@ -67,6 +69,8 @@ def main(argv: list[str]) -> int:
             storage.check_credentials(path.split("://")[0])
     if args.command == "eval":
         return evaluate(args, overrides)
+    if args.command == "prepare":
+        return prepare(args, overrides)
     if args.command == "analyze":
         result = report.analyze_run(args.target, checkpoint=args.checkpoint)
         for pair in result["pairs"]:
@@ -154,6 +158,25 @@ def evaluate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
         what = f"{args.target} ({result['model']}, checkpoint {result['step']})"
     print(f"{what} on the {result['split']} split ({result['images']} images): top-1 error "
           f"{result['eval_top1_error']:.2f}%, top-5 error {result['eval_top5_error']:.2f}%, loss {result['eval_loss']:.4f}")
+    classes = result["classes"]
+    shown = sorted(classes, key=lambda c: -c[1])[:10] if len(classes) > 50 else classes
+    print(f"top-1 error by class{f' (the 10 worst of {len(classes)})' if len(classes) > 50 else ''}: "
+          + ", ".join(f"{name} {error:.1f}% ({images})" for name, error, images in shown))
+    return 0
+
+
+def prepare(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    """`launch.py prepare`: downloads and prepares the data of every point of `--config` (once per dataset)."""
+    from gconv import data
+    from gconv.config import expand_sweep, load_experiment
+
+    config, sweep = load_experiment(args.config)
+    seen = set()
+    for _, point_config in expand_sweep(config, sweep, overrides, args.point):
+        key = (point_config.data.name, point_config.data.get("data_dir"), point_config.data.get("path"))
+        if key not in seen:
+            seen.add(key)
+            print(data.prepare(point_config.data), flush=True)
     return 0
 
 

@@ -165,7 +165,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(
         name="digits", data_dir="", batch_size=64, eval_batch_size=256, augment=True, image_size=32, num_classes=10,
         num_workers=-1,  # input threads per process; -1: every core of the host
-        crop_size=0))  # ImageNet-size datasets: the crop's side (0: 224; AlexNet's Caffe layout takes 227)
+        crop_size=0,  # ImageNet-size datasets: the crop's side (0: 224; AlexNet's Caffe layout takes 227)
+        # any TFDS dataset (gconv.data): splits with slicing ("" = its own), the training crop, RGB mean and std of
+        # pixels in [0, 1] (empty: measured once on the training split, cached beside the data)
+        train_split="", eval_split="", crop="auto", mean=(), std=(),
+        path=""))  # data.name="folder": DIR with train/CLASS/*.jpg and val/CLASS/*.jpg (local or gs://)
     config.optim = ml_collections.ConfigDict(dict(
         name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine",
         warmup_epochs=0.0, decay_epochs=(), decay_factor=0.1, label_smoothing=0.0))

@@ -1,5 +1,14 @@
 """Input pipelines: TFDS array_record sources read through grain, scikit-learn's digits, and synthetic data.
 
+`data.name` is one of the offline sets (`digits`, `digits32`, `synthetic`), one of the four datasets gconv knows the
+recipes of (`cifar10`, `cifar100`, `imagenette`, `imagenet2012`: their sizes, splits, means and stds), or any other
+TFDS image-classification dataset (`svhn_cropped`, `oxford_flowers102`, ...): its classes from the builder's info,
+`data.image_size`, `data.train_split` / `data.eval_split` (TFDS split strings, slices included: `train[:90%]`), and
+`data.mean` / `data.std` from the config or measured once on a sample of the training split and cached beside the
+data. `data.crop` chooses the training crop: `random_resized` (Inception-style; evaluation resizes to 256/224 of the
+size and crops the center) or `pad_flip` (pad 4, crop, flip; evaluation resizes and crops only images of another
+size); `auto`: `random_resized` from 128 pixels up.
+
 Every pipeline is a grain `MapDataset`, so batch `i` of training is a pure function of (seed, i): resuming at step
 `s` reads from batch `s` on, and a resumed run sees exactly the batches an uninterrupted one would.
 Batches are dicts of numpy arrays: `image: (B, H, W, C) float32`, `label: (B,) int32`, `mask: (B,) bool`
@@ -14,7 +23,8 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import numpy as np
 
-__all__ = ["DatasetInfo", "get_source", "train_batches", "eval_batches", "DATASETS"]
+__all__ = ["DatasetInfo", "get_source", "train_batches", "eval_batches", "measured_mean_std", "prepare", "DATASETS",
+           "OFFLINE", "CROPS"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +36,8 @@ class DatasetInfo:
     num_eval: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    crop: str = "pad_flip"  # the training crop: "random_resized" or "pad_flip"
+    classes: tuple[str, ...] = ()  # the class names, where the data has them (an image folder's sub-folders)
 
 
 # name -> (tfds name, train split, eval split, classes, image size after preprocessing, mean, std)
@@ -36,7 +48,9 @@ _TFDS = {
                    (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "imagenet2012": ("imagenet2012", "train", "validation", 1000, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-DATASETS = sorted(_TFDS) + ["digits", "digits32", "synthetic"]
+OFFLINE = ["digits", "digits32", "synthetic"]
+DATASETS = sorted(_TFDS) + OFFLINE + ["folder"]  # and any other TFDS image-classification name
+CROPS = ("auto", "random_resized", "pad_flip")
 
 
 class _ArraySource:
@@ -91,10 +105,44 @@ def _tfds_source(tfds_name: str, split: str, data_dir: str | None):
         raise FileNotFoundError(
             f"TFDS dataset {tfds_name!r} (split {split!r}) is not prepared in array_record format in "
             f"data.data_dir={data_dir or '~/tensorflow_datasets'}: prepare it once, on a machine with internet "
-            f"access, with python -c \"import tensorflow_datasets as tfds; tfds.builder('{tfds_name}', data_dir=DIR)"
-            f".download_and_prepare(file_format='array_record')\" (imagenet2012 needs the ILSVRC2012 tar files in "
+            f"access, with python launch.py prepare --config EXPERIMENT --config.data.data_dir=DIR (or python -c "
+            f"\"import tensorflow_datasets as tfds; tfds.builder('{tfds_name}', data_dir=DIR)"
+            f".download_and_prepare(file_format='array_record')\"; imagenet2012 needs the ILSVRC2012 tar files in "
             f"DIR/downloads/manual first), then pass --config.data.data_dir=DIR (TFDS said: {type(e).__name__}: "
             f"{said})") from e
+
+
+def prepare(data: Any) -> str:
+    """Downloads and prepares `data`'s TFDS dataset in array_record format into `data.data_dir` (TFDS's progress
+    bars), once: a prepared dataset is left as it is. Returns what was done, in words. Offline datasets and image
+    folders need nothing. Raises `FileNotFoundError` in one line when the download fails (no network)."""
+    if data.name in OFFLINE or data.name == "folder":
+        return f"{data.name}: nothing to prepare ({'read from data.path' if data.name == 'folder' else 'offline'})"
+    tfds_name = _TFDS[data.name][0] if data.name in _TFDS else data.name
+    data_dir = data.get("data_dir") or None
+    builder = _tfds_builder(tfds_name, data_dir)
+    where = builder.data_dir
+    if builder.is_prepared() and getattr(builder.info.file_format, "value", None) == "array_record":
+        return f"{tfds_name}: prepared already in {where}"
+    import importlib.util
+
+    import tensorflow_datasets as tfds
+
+    images = any(isinstance(f, tfds.features.Image) for f in builder.info.features.values())
+    if images and importlib.util.find_spec("tensorflow") is None:
+        raise ModuleNotFoundError(f"preparing {tfds_name} needs TensorFlow, which TFDS uses to encode its images: "
+                                  f"pip install tensorflow-cpu where you prepare it (reading it for training needs "
+                                  f"no TensorFlow).")
+    try:
+        builder.download_and_prepare(file_format="array_record",
+                                     download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except Exception as e:  # download errors come in many types (network, missing manual files, checksums)
+        said = (str(e).strip().splitlines() or [""])[0][:300]
+        raise FileNotFoundError(f"{tfds_name} could not be prepared in {where} ({type(e).__name__}: {said}): run "
+                                f"python launch.py prepare --config EXPERIMENT --config.data.data_dir=DIR where there "
+                                f"is a network (imagenet2012: with the ILSVRC2012 tar files in "
+                                f"DIR/downloads/manual), then copy DIR here or to a bucket.") from e
+    return f"{tfds_name}: prepared in {builder.data_dir}"
 
 
 def get_source(data: Any, split: str) -> tuple[Sequence[dict], DatasetInfo]:
@@ -113,20 +161,185 @@ def get_source(data: Any, split: str) -> tuple[Sequence[dict], DatasetInfo]:
         source = _synthetic(split, data.image_size, data.num_classes)
         info = DatasetInfo("synthetic", (data.image_size,) * 2 + (3,), data.num_classes, len(source), len(source),
                            (0.0,) * 3, (1.0,) * 3)
-    elif name in _TFDS:
+    elif name == "folder":
+        return _folder_dataset(data, split)
+    else:
+        return _tfds_dataset(data, split)
+    return source, info
+
+
+def _tfds_dataset(data: Any, split: str) -> tuple[Sequence[dict], DatasetInfo]:
+    """A TFDS dataset's source for `split` and its info: the recipe of the four known ones, the builder's info and
+    the config for any other."""
+    name, data_dir = data.name, data.get("data_dir")
+    if name in _TFDS:
         tfds_name, train_split, eval_split, classes, size, mean, std = _TFDS[name]
         if data.get("crop_size"):
             if size != 224:
                 raise ValueError(f"data.crop_size={data.crop_size}: {name} is not cropped (its images are "
                                  f"{size}x{size}); leave data.crop_size=0.")
             size = data.crop_size
-        source = _tfds_source(tfds_name, train_split if split == "train" else eval_split, data.get("data_dir"))
-        other = _tfds_source(tfds_name, eval_split if split == "train" else train_split, data.get("data_dir"))
-        n_train, n_eval = (len(source), len(other)) if split == "train" else (len(other), len(source))
-        info = DatasetInfo(name, (size, size, 3), classes, n_train, n_eval, mean, std)
     else:
-        raise ValueError(f"unknown dataset {name!r}: use one of {DATASETS}.")
-    return source, info
+        builder = _tfds_builder(name, data_dir)
+        tfds_name, train_split, eval_split = name, "train", _default_eval_split(builder)
+        classes, size, mean, std = builder.info.features["label"].num_classes, data.image_size, (), ()
+        names = tuple(builder.info.features["label"].names)
+    train_split, eval_split = data.get("train_split") or train_split, data.get("eval_split") or eval_split
+    train, evaluation = (_tfds_source(tfds_name, s, data_dir) for s in (train_split, eval_split))
+    info = _described(data, train, evaluation, classes, size, mean, std,
+                      _stats_root(data_dir or os.path.expanduser("~/tensorflow_datasets")) /
+                      _stats_name(tfds_name, train_split, size, data.get("crop", "auto")))
+    if data.name not in _TFDS:
+        info = dataclasses.replace(info, classes=names)
+    return (train if split == "train" else evaluation), info
+
+
+def _described(data: Any, train: Sequence[dict], evaluation: Sequence[dict], classes: int, size: int,
+               mean: Sequence[float], std: Sequence[float], stats_path: Any) -> DatasetInfo:
+    """The info of an image dataset read at `size`: the crop its size implies, and the mean and std the config
+    gives, else `mean`/`std` (a known recipe's), else measured on `train` and cached at `stats_path`."""
+    crop = _crop_policy(data.get("crop", "auto"), size)
+    info = DatasetInfo(data.name, (size, size, 3), classes, len(train), len(evaluation),
+                       tuple(data.get("mean") or mean), tuple(data.get("std") or std), crop)
+    if not info.mean or not info.std:
+        mean, std = measured_mean_std(train, info, stats_path)
+        info = dataclasses.replace(info, mean=tuple(data.get("mean") or mean), std=tuple(data.get("std") or std))
+    if len(info.mean) != 3 or len(info.std) != 3 or min(info.std) <= 0:
+        raise ValueError(f"data.mean={info.mean} and data.std={info.std}: give 3 values each (RGB, on pixels "
+                         f"scaled to [0, 1]), every std > 0; or leave them empty to measure them.")
+    return info
+
+
+def _crop_policy(crop: str, size: int) -> str:
+    if crop not in CROPS:
+        raise ValueError(f"data.crop={crop!r}: use one of {CROPS} (auto: random_resized from 128 pixels up).")
+    return ("random_resized" if size >= 128 else "pad_flip") if crop == "auto" else crop
+
+
+def _tfds_builder(name: str, data_dir: str | None):
+    """The TFDS builder of `name` (its info; the data need not be prepared)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"data.name={name!r} is not known: neither one of {DATASETS} nor a TFDS dataset "
+                         f"(tfds.list_builders() names them; a config as 'name/config').") from None
+    features = builder.info.features
+    if "image" not in features or "label" not in features or not hasattr(features["label"], "num_classes"):
+        raise ValueError(f"TFDS dataset {name!r} has features {sorted(features)}: gconv trains image "
+                         f"classification datasets, with an 'image' and a class 'label'.")
+    return builder
+
+
+def _default_eval_split(builder) -> str:
+    """"test", else "validation": the split a dataset's results are reported on."""
+    splits = set(builder.info.splits) or {"test"}  # not prepared: tfds_source says so
+    for candidate in ("test", "validation"):
+        if candidate in splits:
+            return candidate
+    raise ValueError(f"TFDS dataset {builder.name!r} has splits {sorted(splits)} and no test or validation split: "
+                     f"carve one from train, e.g. --config.data.train_split='train[:90%]' "
+                     f"--config.data.eval_split='train[90%:]'.")
+
+
+def _stats_root(root: str) -> Any:
+    from etils import epath
+
+    return epath.Path(root) / "gconv_stats"
+
+
+def _stats_name(dataset: str, split: str, size: int, crop: str) -> str:
+    """The cache file of a measured mean and std: what they depend on, in a file name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{dataset}-{split}-{size}-{crop}") + ".json"
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class _FolderSource:
+    """An ImageFolder split, `DIR/CLASS/*.{jpg,jpeg,png}` (local or `gs://`): record `i` is the `i`-th file in
+    (class, file name) order, decoded to RGB `uint8` when it is read (in the input workers)."""
+
+    def __init__(self, root: Any, classes: Sequence[str]):
+        self.files, self.labels = [], []
+        for label, name in enumerate(classes):
+            if not (root / name).is_dir():
+                continue  # a class without images in this split
+            files = sorted((f for f in (root / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES), key=str)
+            self.files += files
+            self.labels += [label] * len(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        from PIL import Image
+
+        with self.files[i].open("rb") as f:
+            image = np.asarray(Image.open(f).convert("RGB"))
+        return {"image": image, "label": np.int32(self.labels[i])}
+
+
+def folder_classes(path: str, train_split: str = "train") -> list[str]:
+    """The classes of an image folder: the sorted sub-folder names of its training split."""
+    from etils import epath
+
+    root = epath.Path(path) / train_split
+    if not path or not root.is_dir():
+        raise FileNotFoundError(f"data.path={path!r} has no {train_split}/ folder: an image folder is "
+                                f"DIR/{train_split}/CLASS/*.jpg (and DIR/val/CLASS/*.jpg), as torchvision's "
+                                f"ImageFolder reads it; pass --config.data.path=DIR.")
+    return sorted(d.name for d in root.iterdir() if d.is_dir())
+
+
+def _folder_dataset(data: Any, split: str) -> tuple[Sequence[dict], DatasetInfo]:
+    """`data.name="folder"`: `data.path/{train_split, eval_split}/CLASS/*` (splits default to train and val)."""
+    from etils import epath
+
+    train_split, eval_split = data.get("train_split") or "train", data.get("eval_split") or "val"
+    classes = folder_classes(data.get("path", ""), train_split)
+    root = epath.Path(data.path)
+    unknown = sorted(set(folder_classes(data.path, eval_split)) - set(classes)) if (root / eval_split).is_dir() \
+        else None
+    if unknown is None or unknown:
+        raise ValueError(f"data.path={data.path!r}: the {eval_split}/ folder is "
+                         f"{'missing' if unknown is None else f'holding classes not in {train_split}/: {unknown}'}; "
+                         f"evaluation needs DIR/{eval_split}/CLASS/* with the training classes "
+                         f"(or name another split: --config.data.eval_split=NAME).")
+    train, evaluation = _FolderSource(root / train_split, classes), _FolderSource(root / eval_split, classes)
+    for what, source in ((train_split, train), (eval_split, evaluation)):
+        if not len(source):
+            raise ValueError(f"data.path={data.path!r}: no {'/'.join(IMAGE_SUFFIXES)} images under {what}/CLASS/.")
+    info = _described(data, train, evaluation, len(classes), data.image_size, (), (),
+                      _stats_root(data.path) / _stats_name("folder", train_split, data.image_size,
+                                                           data.get("crop", "auto")))
+    return (train if split == "train" else evaluation), dataclasses.replace(info, classes=tuple(classes))
+
+
+def measured_mean_std(source: Sequence[dict], info: DatasetInfo, path: Any, sample: int = 2000
+                      ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of pixels scaled to [0, 1], over up to `sample` training images evenly spaced in
+    `source`, as evaluation preprocesses them (resized and center-cropped); read from `path` when measured before,
+    else written there (a JSON beside the data) for every later run."""
+    from gconv import storage
+
+    if storage.exists(path):
+        stats = storage.read_json(path)
+        return tuple(stats["mean"]), tuple(stats["std"])
+    prepare = _evaluation_view(info)
+    index = np.unique(np.linspace(0, len(source) - 1, min(sample, len(source))).astype(int))
+    sums = np.zeros((2, 3))
+    for i in index:
+        image = prepare(_channels(np.asarray(source[int(i)]["image"]), info)).astype(np.float64) / 255.0
+        image = image.reshape(-1, 3)
+        sums += [image.mean(0), np.square(image).mean(0)]
+    mean = sums[0] / len(index)
+    std = np.sqrt(np.maximum(sums[1] / len(index) - np.square(mean), 0.0))
+    stats = {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std],
+             "images": len(index), "split_size": len(source)}
+    storage.write_json(path, stats)  # atomic: processes measuring at once write the same values
+    return tuple(stats["mean"]), tuple(stats["std"])
 
 
 # --- preprocessing (numpy, per example) -------------------------------------------------------------------------
@@ -179,16 +392,31 @@ def _center_crop(image: np.ndarray, size: int, resize_ratio: float = 256 / 224) 
     return image[top:top + size, left:left + size]
 
 
-def _augmenter(info: DatasetInfo, train: bool, augment: bool) -> Callable[[dict, np.random.Generator], dict]:
+def _channels(image: np.ndarray, info: DatasetInfo) -> np.ndarray:
+    """Grey images of a dataset read as colour (any TFDS dataset is: mean and std have 3 values) repeated to 3."""
+    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 and info.image_shape[-1] == 3 else image
+
+
+def _evaluation_view(info: DatasetInfo) -> Callable[[np.ndarray], np.ndarray]:
+    """Evaluation's geometry: `random_resized` datasets resized to 256/224 of the size and center-cropped (always,
+    as ImageNet's recipe does); `pad_flip` ones only when an image is not of the size already (then ratio 1)."""
     size = info.image_shape[0]
-    big = info.name in ("imagenette", "imagenet2012")
+    if info.crop == "random_resized":
+        return lambda image: _center_crop(image, size)
+    return lambda image: image if image.shape[:2] == (size, size) else _center_crop(image, size, 1.0)
+
+
+def _augmenter(info: DatasetInfo, train: bool, augment: bool) -> Callable[[dict, np.random.Generator], dict]:
+    size, view = info.image_shape[0], _evaluation_view(info)
 
     def fn(record: dict, rng: np.random.Generator) -> dict:
-        image = np.asarray(record["image"])
-        if big:
-            image = _random_resized_crop(image, rng, size) if (train and augment) else _center_crop(image, size)
+        image = _channels(np.asarray(record["image"]), info)
+        if train and augment and info.crop == "random_resized":
+            image = _random_resized_crop(image, rng, size)
         elif train and augment:
-            image = _pad_crop_flip(image, rng)
+            image = _pad_crop_flip(view(image), rng)
+        else:
+            image = view(image)
         return {"image": _standardize(image, info), "label": np.int32(record["label"]), "mask": np.bool_(True)}
 
     return fn

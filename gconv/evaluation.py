@@ -11,22 +11,39 @@ import ml_collections
 from gconv import data as data_lib
 from gconv import checkpoints, storage
 from gconv.models import family_of, model_from_config, model_state
-from gconv.loop import evaluate
+from gconv.loop import error_scores
 from gconv.train import TrainState, eval_step
 
 __all__ = ["evaluate_variables", "evaluate_run", "evaluate_weights"]
 
 
 def evaluate_variables(model: Any, variables: dict, data: ml_collections.ConfigDict, split: str = "eval") -> dict:
-    """`{eval_top1_error, eval_top5_error, eval_loss, images}` of `model` with `variables` on every example of
-    `split` ("eval" or "train", without augmentation) of the dataset `data` (a config's `data` block)."""
+    """`{eval_top1_error, eval_top5_error, eval_loss, images, classes}` of `model` with `variables` on every example
+    of `split` ("eval" or "train", without augmentation) of the dataset `data` (a config's `data` block). `classes`:
+    per class, `(name, top-1 error %, images)`, named as the data names them (an image folder's sub-folders, a TFDS
+    dataset's label names), else by index."""
     source, info = data_lib.get_source(data, split)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                        batch_stats=variables.get("batch_stats", {}), opt_state=None, rng=None,
                        model_state=model_state(variables))
-    step = jax.jit(lambda s, b: eval_step(s, b, model=model))
-    scores = evaluate(step, state, data_lib.eval_batches(source, info, data.eval_batch_size, data.num_workers))
-    return {**scores, "images": len(source)}
+
+    def step(state: TrainState, batch: dict) -> dict:
+        sums = eval_step(state, batch, model=model)
+        hit = jnp.argmax(model.apply(state.variables(), batch["image"], train=False), -1) == batch["label"]
+        mask = batch["mask"].astype(jnp.float32)
+        per_class = jax.ops.segment_sum(jnp.stack([hit * mask, mask], -1), batch["label"], info.num_classes)
+        return {**sums, "per_class": per_class}  # (classes, [correct, count])
+
+    totals, jitted = None, jax.jit(step)
+    for batch in data_lib.eval_batches(source, info, data.eval_batch_size, data.num_workers):
+        out = jitted(state, batch)
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    per_class = totals.pop("per_class")
+    names = info.classes or tuple(str(i) for i in range(info.num_classes))
+    classes = [(name, 100.0 * (1.0 - correct / count), int(count))
+               for name, (correct, count) in zip(names, per_class) if count > 0]
+    return {**error_scores({k: float(v) for k, v in totals.items()}), "images": len(source), "classes": classes}
 
 
 def _classes(variables: dict, model_name: str) -> int:

@@ -125,11 +125,12 @@ def evaluate(step_fn: Callable, state: Any, batches: Iterable[dict], members: in
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     if members:
-        return [_scores({k: float(v[i]) for k, v in totals.items()}) for i in range(members)]
-    return _scores({k: float(v) for k, v in totals.items()})
+        return [error_scores({k: float(v[i]) for k, v in totals.items()}) for i in range(members)]
+    return error_scores({k: float(v) for k, v in totals.items()})
 
 
-def _scores(totals: dict[str, float]) -> dict[str, float]:
+def error_scores(totals: dict[str, float]) -> dict[str, float]:
+    """Top-1 and top-5 error (%) and mean loss from an evaluation's sums (`eval_step`'s)."""
     return {"eval_top1_error": 100.0 * (1.0 - totals["correct"] / totals["count"]),
             "eval_top5_error": 100.0 * (1.0 - totals["correct5"] / totals["count"]),
             "eval_loss": totals["loss"] / totals["count"]}

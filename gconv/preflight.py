@@ -58,8 +58,6 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     data_lib.num_threads(config.data.num_workers)
     if config.get("profile_steps"):
         parse_steps(config.profile_steps)
-    if config.data.name not in data_lib.DATASETS:
-        raise ValueError(f"data.name={config.data.name!r} is not known: use one of {data_lib.DATASETS}.")
 
 
 def _check_init_from(config: ml_collections.ConfigDict) -> None:

@@ -1,10 +1,16 @@
-"""Input pipelines: digits split, deterministic resumable batches, eval padding, TFDS through mock data."""
+"""Input pipelines: digits split, deterministic resumable batches, eval padding, TFDS through mock data, any
+TFDS dataset by name (its info, image sizes, split slices, a measured mean and std)."""
+import json
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from ml_collections import ConfigDict
 
+import tiny_tfds
 from gconv import data
+
+TINY_TFDS = tiny_tfds.GconvTinyShapes.name  # "gconv_tiny_shapes": a TFDS builder of the tests
 
 
 def _cfg(**kw):
@@ -89,8 +95,176 @@ def test_missing_dataset_says_how_to_prepare(tmp_path):
 
 
 def test_unknown_dataset_and_oversized_batch():
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
-        data.get_source(_cfg(name="mnist"), "train")
+    with pytest.raises(ValueError, match="data.name='no_such_dataset' is not known: neither one of"):
+        data.get_source(_cfg(name="no_such_dataset"), "train")
     source, info = data.get_source(_cfg(), "eval")
     with pytest.raises(ValueError, match="batch_size=1000 is larger than the 360"):
         data.train_batches(source, info, 1000, seed=0)
+
+
+# --- any TFDS dataset by name ------------------------------------------------------------------------------------
+
+def test_a_tfds_dataset_outside_the_table_takes_its_info_from_the_builder(tmp_path):
+    """SVHN (32x32, 10 classes, a test split): classes from the builder, the crop by size (pad_flip below 128),
+    the mean and std measured on the training split, written beside the data and read back by the next run."""
+    with tfds.testing.mock_data(num_examples=40):
+        config = _cfg(name="svhn_cropped", data_dir=str(tmp_path))
+        source, info = data.get_source(config, "train")
+        assert (info.num_classes, info.image_shape, info.crop) == (10, (32, 32, 3), "pad_flip")
+        assert (info.num_train, len(source)) == (40, 40)
+        pixels = np.stack([np.asarray(source[i]["image"]) for i in range(40)]).reshape(-1, 3) / 255.0
+        # the same sums in float64 in another order: far below the 1e-6 the cache rounds to
+        np.testing.assert_allclose(info.mean, pixels.mean(0), atol=2e-6)
+        np.testing.assert_allclose(info.std, pixels.std(0), atol=2e-6)
+        [cached] = (tmp_path / "gconv_stats").iterdir()
+        cached.write_text(json.dumps({"mean": [0.25, 0.5, 0.75], "std": [0.1, 0.2, 0.3]}))
+        _, again = data.get_source(config, "eval")  # a later run reads what was measured
+        assert again.mean == (0.25, 0.5, 0.75) and again.std == (0.1, 0.2, 0.3)
+        _, given = data.get_source(_cfg(name="svhn_cropped", data_dir=str(tmp_path), mean=(0.4, 0.4, 0.4),
+                                        std=(0.2, 0.2, 0.2)), "train")
+        assert given.mean == (0.4,) * 3 and given.std == (0.2,) * 3
+        batch = next(data.train_batches(source, info, 8, seed=0))
+        assert batch["image"].shape == (8, 32, 32, 3) and batch["label"].max() < 10
+
+
+@pytest.mark.parametrize("size, crop", [(48, "pad_flip"), (160, "random_resized")])
+def test_images_of_any_size_are_cropped_to_the_configured_one(tmp_path, size, crop):
+    """Oxford Flowers 102 (images of varying sizes): `data.image_size` with the crop its size implies."""
+    with tfds.testing.mock_data(num_examples=12):
+        config = _cfg(name="oxford_flowers102", data_dir=str(tmp_path), image_size=size)
+        source, info = data.get_source(config, "train")
+        shapes = {np.asarray(source[i]["image"]).shape for i in range(len(source))}
+        assert len(shapes) > 1, shapes  # the mock images vary in size, as the real ones do
+        assert (info.num_classes, info.image_shape, info.crop) == (102, (size, size, 3), crop)
+        eval_source, _ = data.get_source(config, "eval")
+        for batch in (next(data.train_batches(source, info, 4, seed=0)), next(data.eval_batches(eval_source, info,
+                                                                                               4))):
+            assert batch["image"].shape == (4, size, size, 3) and np.isfinite(batch["image"]).all()
+
+
+# --- image folders -----------------------------------------------------------------------------------------------
+
+def make_image_folder(root, rng, counts=None, classes=("cat", "dog", "eel")):
+    """ImageFolder layout with uneven class counts, PNG and JPEG files of several sizes: `root/{train,val}/CLASS/`."""
+    from PIL import Image
+
+    counts = counts or {"train": (5, 3, 4), "val": (2, 1, 2)}
+    for split, per_class in counts.items():
+        for name, count in zip(classes, per_class):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                h, w = rng.integers(12, 40, size=2)
+                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def test_an_image_folder_reads_its_classes_images_and_statistics(tmp_path, rng):
+    from PIL import Image
+
+    folder = make_image_folder(tmp_path / "pets", rng)
+    (folder / "train" / "dog" / "notes.txt").write_text("not an image")
+    config = _cfg(name="folder", path=str(folder), image_size=16)
+    source, info = data.get_source(config, "train")
+    assert info.classes == ("cat", "dog", "eel") and info.num_classes == 3
+    assert (info.num_train, info.num_eval, info.crop) == (12, 5, "pad_flip")
+    assert [int(source[i]["label"]) for i in range(12)] == [0] * 5 + [1] * 3 + [2] * 4
+    first = np.asarray(Image.open(folder / "train" / "cat" / "0.jpg").convert("RGB"))
+    np.testing.assert_array_equal(source[0]["image"], first)  # decoded as PIL decodes it
+    assert (folder / "gconv_stats").is_dir()  # the measured mean and std, beside the images
+    for batch in (next(data.train_batches(source, info, 4, seed=0)),
+                  next(data.eval_batches(data.get_source(config, "eval")[0], info, 4))):
+        assert batch["image"].shape == (4, 16, 16, 3) and np.isfinite(batch["image"]).all()
+    (folder / "val" / "fox").mkdir()
+    with pytest.raises(ValueError, match=r"holding classes not in train/: \['fox'\]"):
+        data.get_source(config, "train")
+    with pytest.raises(FileNotFoundError, match="has no train/ folder"):
+        data.get_source(_cfg(name="folder", path=str(tmp_path / "nowhere")), "train")
+
+
+# --- launch.py prepare -------------------------------------------------------------------------------------------
+
+def test_prepare_makes_a_tfds_dataset_readable_once(cli, tmp_path, capsys):
+    args = ["prepare", "--config", "experiments/default.py:local", f"--config.data.name={TINY_TFDS}",
+            f"--config.data.data_dir={tmp_path}"]
+    with pytest.raises(FileNotFoundError, match="not prepared in array_record format.*launch.py prepare"):
+        data.get_source(_cfg(name=TINY_TFDS, data_dir=str(tmp_path)), "train")
+    assert cli(*args) == 0
+    assert "gconv_tiny_shapes: prepared in" in capsys.readouterr().out
+    source, info = data.get_source(_cfg(name=TINY_TFDS, data_dir=str(tmp_path), image_size=8), "train")
+    assert (len(source), info.num_eval, info.num_classes) == (24, 8, 2)
+    assert sorted(int(source[i]["label"]) for i in range(24)) == [0] * 12 + [1] * 12
+    assert cli(*args) == 0  # a second time: nothing to do
+    assert "prepared already" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_an_image_folder_trains_stops_and_resumes_exactly_through_launch(tmp_path, seed):
+    """A generated folder of PNG and JPEG images (uneven classes) trained by launch.py; a SIGTERM after the first
+    metrics, then the relaunch: the metrics of the uninterrupted run."""
+    import signal
+
+    from conftest import TINY, has_content, launch, start, strip_timing, wait_until
+    from gconv.metrics_log import read_metrics
+
+    folder = make_image_folder(tmp_path / "pets", np.random.default_rng(seed),
+                               counts={"train": (40, 24, 32), "val": (6, 4, 5)})
+    args = [*TINY, "--config.data.name=folder", f"--config.data.path={folder}", "--config.data.image_size=16",
+            "--config.num_steps=40", "--config.checkpoint_every_steps=5", "--config.log_every_steps=3",
+            "--config.eval_every_steps=20"]
+    launch(*args, "--workdir", str(tmp_path / "straight"))
+    proc = start(*args, "--workdir", str(tmp_path / "stopped"))
+    wait_until(lambda: has_content(tmp_path / "stopped" / "c2" / "metrics.jsonl"), proc, "the first metrics")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    launch(*args, "--workdir", str(tmp_path / "stopped"))
+    records = lambda d: strip_timing(read_metrics(d / "c2" / "metrics.jsonl"))  # noqa: E731
+    assert records(tmp_path / "stopped") == records(tmp_path / "straight")
+    assert any("eval_top1_error" in r for r in records(tmp_path / "straight"))
+    out = launch("eval", str(tmp_path / "straight" / "c2")).stdout
+    assert "on the eval split (15 images)" in out and "top-1 error by class: cat " in out, out
+    assert all(f"{name} " in out.split("by class")[1] for name in ("dog", "eel")), out
+
+
+def test_splits_take_tfds_slices(tmp_path):
+    """A validation split carved from train, as pycls's and ResNeXt's CIFAR protocols do when tuning."""
+    data.prepare(_cfg(name=TINY_TFDS, data_dir=str(tmp_path)))
+    config = _cfg(name=TINY_TFDS, data_dir=str(tmp_path), image_size=8, train_split="train[:75%]",
+                  eval_split="train[75%:]")
+    train, info = data.get_source(config, "train")
+    held_out, _ = data.get_source(config, "eval")
+    assert (len(train), len(held_out), info.num_train, info.num_eval) == (18, 6, 18, 6)
+    whole, default = data.get_source(_cfg(name=TINY_TFDS, data_dir=str(tmp_path), image_size=8), "eval")
+    assert default.num_eval == len(whole) == 8 and default.classes == ("dark", "light")  # test, the default split
+    whole, _ = data.get_source(_cfg(name=TINY_TFDS, data_dir=str(tmp_path), image_size=8), "train")
+    for i in range(6):  # the slices are the split's rows in order
+        np.testing.assert_array_equal(held_out[i]["image"], whole[18 + i]["image"])
+    with pytest.raises(ValueError, match="data.crop='center'"):
+        data.get_source(_cfg(name=TINY_TFDS, data_dir=str(tmp_path), crop="center"), "train")
+
+
+@pytest.mark.slow
+def test_an_image_folder_in_a_bucket_trains(tmp_path, rng):
+    """The same layout at `gs://` (the GCS emulator): listed, decoded and measured there, trained by launch.py."""
+    import urllib.parse
+    import urllib.request
+
+    from conftest import TINY, launch
+    from gcs_emulator import BUCKET, Emulator, list_objects
+
+    folder = make_image_folder(tmp_path / "pets", rng, counts={"train": (30, 20, 24), "val": (3, 2, 3)})
+    emulator = Emulator(tmp_path)
+    try:
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            name = urllib.parse.quote(f"pets/{file.relative_to(folder)}", safe="")
+            request = urllib.request.Request(f"{emulator.url}/upload/storage/v1/b/{BUCKET}/o?uploadType=media&"
+                                             f"name={name}", data=file.read_bytes(), method="POST")
+            urllib.request.urlopen(request).close()
+        out = launch(*TINY, "--config.data.name=folder", f"--config.data.path=gs://{BUCKET}/pets",
+                     "--config.data.image_size=16", "--config.num_steps=4", "--workdir", str(tmp_path / "run"),
+                     env=emulator.env).stdout
+        assert "c2" in out and (tmp_path / "run" / "c2" / "summary.json").exists(), out
+        assert [n for n in list_objects(emulator.env, "pets/gconv_stats/") if n.endswith(".json")], "no statistics"
+    finally:
+        emulator.close()

@@ -25,7 +25,7 @@ from conftest import RESUME, TINY, TRAINED_TINY, has_content, launch, start, str
     ("--config.optim.name=adam2", "optim.name"),
     ("--config.optim.learning_rate=nan", "optim.learning_rate"),
     ("--config.optim.learning_rate=ten", "optim.learning_rate"),
-    ("--config.data.name=mnist", "data.name"),
+    ("--config.data.name=no_such_dataset", "data.name"),
     ("--config.data.name=cifar10", "data_dir"),  # not prepared: says how to prepare it
     ("--config.storage_timeout_s=0", "storage_timeout_s"),
 ])
