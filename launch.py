@@ -97,15 +97,7 @@ def main(argv: list[str]) -> int:
     from gconv.members import group_runs
     from gconv.train import Stopped, train_members
 
-    if args.multiprocess or args.coordinator_address or args.num_processes or args.process_id:
-        given = distributed_args(args, os.environ)
-        try:
-            jax.distributed.initialize(**given)
-        except (ValueError, RuntimeError) as e:
-            if given:
-                raise
-            raise ValueError(f"--multiprocess: JAX found no cluster to join ({str(e).strip()[:200]}): pass "
-                             f"--coordinator_address=HOST:PORT --num_processes=N --process_id=I.") from e
+    join(args)
     config, sweep = load_experiment(args.config)
     runs = expand_sweep(config, sweep, overrides, args.point)
     for point, point_config in runs:  # every point's errors before any point trains
@@ -165,18 +157,60 @@ def evaluate(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     return 0
 
 
+def join(args: argparse.Namespace) -> bool:
+    """Joins a multi-process run when the flags or the environment ask for one (`jax.distributed.initialize`);
+    whether this is one."""
+    if not (args.multiprocess or args.coordinator_address or args.num_processes or args.process_id):
+        return False
+    import jax
+
+    given = distributed_args(args, os.environ)
+    try:
+        jax.distributed.initialize(**given)
+    except (ValueError, RuntimeError) as e:
+        if given:
+            raise
+        raise ValueError(f"--multiprocess: JAX found no cluster to join ({str(e).strip()[:200]}): pass "
+                         f"--coordinator_address=HOST:PORT --num_processes=N --process_id=I.") from e
+    return jax.process_count() > 1
+
+
 def prepare(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    """`launch.py prepare`: downloads and prepares the data of every point of `--config` (once per dataset)."""
+    """`launch.py prepare`: downloads and prepares the data of every point of `--config` (once per dataset). In a
+    multi-process run process 0 prepares (into the shared `data_dir`, a bucket on a pod) and the others wait."""
     from gconv import data
     from gconv.config import expand_sweep, load_experiment
 
     config, sweep = load_experiment(args.config)
-    seen = set()
+    datas = {}
     for _, point_config in expand_sweep(config, sweep, overrides, args.point):
-        key = (point_config.data.name, point_config.data.get("data_dir"), point_config.data.get("path"))
-        if key not in seen:
-            seen.add(key)
-            print(data.prepare(point_config.data), flush=True)
+        d = point_config.data
+        datas.setdefault((d.name, d.get("data_dir"), d.get("path")), d)
+    if not join(args):
+        for d in datas.values():
+            print(data.prepare(d), flush=True)
+        return 0
+    import jax
+
+    from gconv import coordination
+
+    client, key, day_ms = coordination.client(), "gconv/prepare", 24 * 3600 * 1000
+    if jax.process_index() == 0:
+        try:
+            for d in datas.values():
+                print(data.prepare(d), flush=True)
+        except Exception as e:
+            client.key_value_set(key, f"{type(e).__name__}: {e}")
+            client.wait_at_barrier("gconv_prepared", day_ms)  # the others read it before the coordinator leaves
+            raise
+        client.key_value_set(key, "ok")
+        client.wait_at_barrier("gconv_prepared", day_ms)
+    else:
+        said = client.blocking_key_value_get(key, day_ms)
+        client.wait_at_barrier("gconv_prepared", day_ms)
+        if said != "ok":
+            raise FileNotFoundError(f"process 0 could not prepare the data: {said}")
+        print(f"process {jax.process_index()}: process 0 prepared the data", flush=True)
     return 0
 
 

@@ -52,6 +52,12 @@ def record_calls(record: Callable[[nn.Module, tuple, Any], None]):
         yield
 
 
+def _lowering(module: nn.Module) -> contextlib.AbstractContextManager:
+    """Where a layer's conv is lowered: by the static rule during init (which needs only shapes and values) rather
+    than by timing the lowerings; as `impl` says otherwise."""
+    return autotune.static() if module.is_initializing() else contextlib.nullcontext()
+
+
 class GroupedConv(nn.Module):
     """Grouped convolution. `x: (N, *spatial, C_in) -> (N, *spatial_out, features)`.
 
@@ -84,8 +90,7 @@ class GroupedConv(nn.Module):
                             self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        # init only needs shapes and values: lower by the static rule rather than time the lowerings
-        with autotune.static() if self.is_initializing() else contextlib.nullcontext():
+        with _lowering(self):
             y = ops.grouped_conv(x, kernel, self.groups, strides=self.strides, padding=self.padding,
                                  dilation=self.dilation, precision=self.precision, impl=self.impl)
         if bias is not None:
@@ -142,7 +147,7 @@ class LearnedGroupConv(nn.Module):
             term = jnp.where(reached.value < self.factor - 1, ops.learned.group_lasso(kernel, keep.value), 0.0)
             self.sow("losses", "group_lasso", self.lasso * term)
         x, kernel = nn.dtypes.promote_dtype(x, ops.learned.masked_kernel(kernel, keep.value), dtype=self.dtype)
-        with autotune.static() if self.is_initializing() else contextlib.nullcontext():
+        with _lowering(self):
             return ops.grouped_conv(x, kernel, 1)
 
 
@@ -196,7 +201,7 @@ class FullyLearnedGroupConv(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         mask = ops.learned.assignment_mask(input_logits, filter_logits, self.balanced).astype(kernel.dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel * mask, bias, dtype=self.dtype)
-        with autotune.static() if self.is_initializing() else contextlib.nullcontext():
+        with _lowering(self):
             y = ops.grouped_conv(x, kernel, 1, strides=self.strides, padding=self.padding, dilation=self.dilation)
         return y if bias is None else y + bias
 

@@ -268,3 +268,18 @@ def test_an_image_folder_in_a_bucket_trains(tmp_path, rng):
         assert [n for n in list_objects(emulator.env, "pets/gconv_stats/") if n.endswith(".json")], "no statistics"
     finally:
         emulator.close()
+
+
+@pytest.mark.slow
+def test_prepare_in_two_processes_prepares_once(tmp_path):
+    """Process 0 prepares into the shared data_dir, process 1 waits for it; then both can read the dataset."""
+    from conftest import two_processes
+
+    first, second = two_processes(tmp_path / "w", "prepare", "--config", "tests/tiny_tfds/experiment.py",
+                                  f"--config.data.data_dir={tmp_path / 'tfds'}")
+    outs = [proc.communicate(timeout=240)[0] for proc in (first, second)]
+    assert first.returncode == second.returncode == 0, outs
+    assert "gconv_tiny_shapes: prepared in" in outs[0] and "process 1: process 0 prepared the data" in outs[1], outs
+    assert "prepared in" not in outs[1]  # only process 0 wrote
+    source, info = data.get_source(_cfg(name=TINY_TFDS, data_dir=str(tmp_path / "tfds"), image_size=8), "train")
+    assert (len(source), info.num_classes) == (24, 2)
