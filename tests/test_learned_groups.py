@@ -241,15 +241,17 @@ def test_group_lasso_joins_the_training_loss_until_the_last_stage(rng):
     batch = {"image": x, "label": jnp.asarray(rng.integers(0, 5, (4,)))}
     state = train.create_train_state(model, tx, (16, 16, 3), seed=int(rng.integers(2**31)))
     step = jax.jit(functools.partial(train.train_step, model=model, tx=tx))
+    forward = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats", "condense"])[0])
+    lasso_of = jax.jit(ops.learned.group_lasso)
     for i in range(6):  # steps 0..5 of a 4-step schedule: stages 0, 0, 1, 2, 3 (the last), 3
         new, metrics = step(state, batch)
-        logits, _ = model.apply(state.variables(), x, train=True, mutable=["batch_stats", "condense"])
+        logits = forward(state.variables())
         cross_entropy = float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])))
         kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.params) if "conv1" in str(path)]
         keeps = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(new.model_state) if "keep" in str(path)]
         stages = {int(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(new.model_state)
                   if "'stage'" in str(path)}
-        lasso = sum(float(ops.learned.group_lasso(k, m)) for k, m in zip(kernels, keeps, strict=True))
+        lasso = sum(float(lasso_of(k, m)) for k, m in zip(kernels, keeps, strict=True))
         want = cross_entropy + (lam * lasso if stages != {3} else 0.0)
         # the same sums in the same program up to fusion: a few roundings of the loss's magnitude
         np.testing.assert_allclose(float(metrics["loss"]), want, rtol=64 * U32, err_msg=f"step {i}")
