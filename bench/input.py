@@ -1,5 +1,6 @@
 """Input pipeline throughput: the ImageNet-style training path (JPEG decode, random-resized crop to 224, flip,
-normalise, batch) through `gconv.data.train_batches`, on JPEGs generated here (no dataset needed).
+batch) through `gconv.data.train_batches`, on JPEGs generated here (no dataset needed), with the pixels
+standardised to float32 on the host (as before) and sent as uint8 (standardised on the device), side by side.
 
     python bench/input.py [--images 256] [--batch 64] [--batches 20] [--workers 1 2]
 
@@ -55,19 +56,22 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, data.num_threads(-1)])
     args = parser.parse_args()
     source = JpegSource(args.images)
-    info = data.DatasetInfo("imagenet2012", (224, 224, 3), 1000, len(source), 0, (0.485, 0.456, 0.406),
-                            (0.229, 0.224, 0.225))
     print(f"{len(os.sched_getaffinity(0))} cores; {args.images} generated JPEGs of 300-500 px; batch {args.batch}")
-    print("| worker threads | images/s | images/s per thread |\n|---:|---:|---:|")
+    print("| pixels to the device | worker threads | images/s | images/s per thread | bytes per image |\n"
+          "|---|---:|---:|---:|---:|")
     for workers in args.workers:
-        batches = data.train_batches(source, info, args.batch, seed=0, num_workers=workers)
-        next(batches)  # start the threads
-        start = time.perf_counter()
-        for _ in range(args.batches):
-            batch = next(batches)
-        rate = args.batches * args.batch / (time.perf_counter() - start)
-        assert batch["image"].shape == (args.batch, 224, 224, 3)
-        print(f"| {workers} | {rate:,.0f} | {rate / workers:,.0f} |")
+        for pixels in ("float32", "uint8"):  # standardised on the host (before), on the device (after), in turn
+            info = data.DatasetInfo("imagenet2012", (224, 224, 3), 1000, len(source), 0, (0.485, 0.456, 0.406),
+                                    (0.229, 0.224, 0.225), crop="random_resized", pixels=pixels)
+            batches = data.train_batches(source, info, args.batch, seed=0, num_workers=workers)
+            next(batches)  # start the threads
+            start = time.perf_counter()
+            for _ in range(args.batches):
+                batch = next(batches)
+            rate = args.batches * args.batch / (time.perf_counter() - start)
+            assert batch["image"].shape == (args.batch, 224, 224, 3)
+            print(f"| {pixels} | {workers} | {rate:,.0f} | {rate / workers:,.0f} | "
+                  f"{batch['image'][0].nbytes:,} |")
 
 
 if __name__ == "__main__":

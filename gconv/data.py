@@ -11,8 +11,9 @@ size); `auto`: `random_resized` from 128 pixels up.
 
 Every pipeline is a grain `MapDataset`, so batch `i` of training is a pure function of (seed, i): resuming at step
 `s` reads from batch `s` on, and a resumed run sees exactly the batches an uninterrupted one would.
-Batches are dicts of numpy arrays: `image: (B, H, W, C) float32`, `label: (B,) int32`, `mask: (B,) bool`
-(False marks the padding of the last eval batch).
+Batches are dicts of numpy arrays: `image: (B, H, W, C)`, `label: (B,) int32`, `mask: (B,) bool`
+(False marks the padding of the last eval batch). Images are float32, standardised, for the offline sets, and the
+decoded `uint8` pixels for TFDS datasets and folders: `on_device(info)` standardises those once placed.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import numpy as np
 
-__all__ = ["DatasetInfo", "get_source", "train_batches", "eval_batches", "measured_mean_std", "prepare", "DATASETS",
+__all__ = ["DatasetInfo", "get_source", "train_batches", "eval_batches", "on_device", "measured_mean_std", "prepare",
+           "DATASETS",
            "OFFLINE", "CROPS"]
 
 
@@ -38,6 +40,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     crop: str = "pad_flip"  # the training crop: "random_resized" or "pad_flip"
     classes: tuple[str, ...] = ()  # the class names, where the data has them (an image folder's sub-folders)
+    pixels: str = "float32"  # what batches carry: "float32" standardised on the host, or "uint8" (see `on_device`)
 
 
 # name -> (tfds name, train split, eval split, classes, image size after preprocessing, mean, std)
@@ -200,7 +203,7 @@ def _described(data: Any, train: Sequence[dict], evaluation: Sequence[dict], cla
     gives, else `mean`/`std` (a known recipe's), else measured on `train` and cached at `stats_path`."""
     crop = _crop_policy(data.get("crop", "auto"), size)
     info = DatasetInfo(data.name, (size, size, 3), classes, len(train), len(evaluation),
-                       tuple(data.get("mean") or mean), tuple(data.get("std") or std), crop)
+                       tuple(data.get("mean") or mean), tuple(data.get("std") or std), crop, pixels="uint8")
     if not info.mean or not info.std:
         mean, std = measured_mean_std(train, info, stats_path)
         info = dataclasses.replace(info, mean=tuple(data.get("mean") or mean), std=tuple(data.get("std") or std))
@@ -344,6 +347,20 @@ def measured_mean_std(source: Sequence[dict], info: DatasetInfo, path: Any, samp
 
 # --- preprocessing (numpy, per example) -------------------------------------------------------------------------
 
+def on_device(info: DatasetInfo) -> Callable[[dict], dict]:
+    """What a batch placed on its devices goes through before the step: `uint8` pixels (`info.pixels`: images
+    decoded from files, a quarter of float32's bytes on the way to the devices) standardised there, as
+    `_standardize` does on the host, by a jitted elementwise program (each device its own rows); float batches
+    pass as they are."""
+    if info.pixels != "uint8":
+        return lambda batch: batch
+    import jax
+    import jax.numpy as jnp
+
+    mean, std = np.asarray(info.mean, np.float32), np.asarray(info.std, np.float32)
+    return jax.jit(lambda batch: {**batch, "image": (batch["image"].astype(jnp.float32) / 255.0 - mean) / std})
+
+
 def _standardize(image: np.ndarray, info: DatasetInfo) -> np.ndarray:
     scale = 255.0 if image.dtype == np.uint8 else 1.0
     image = image.astype(np.float32) / scale
@@ -417,7 +434,8 @@ def _augmenter(info: DatasetInfo, train: bool, augment: bool) -> Callable[[dict,
             image = _pad_crop_flip(view(image), rng)
         else:
             image = view(image)
-        return {"image": _standardize(image, info), "label": np.int32(record["label"]), "mask": np.bool_(True)}
+        image = np.asarray(image, np.uint8) if info.pixels == "uint8" else _standardize(image, info)
+        return {"image": image, "label": np.int32(record["label"]), "mask": np.bool_(True)}
 
     return fn
 

@@ -34,9 +34,9 @@ def evaluate_variables(model: Any, variables: dict, data: ml_collections.ConfigD
         per_class = jax.ops.segment_sum(jnp.stack([hit * mask, mask], -1), batch["label"], info.num_classes)
         return {**sums, "per_class": per_class}  # (classes, [correct, count])
 
-    totals, jitted = None, jax.jit(step)
+    totals, jitted, feed = None, jax.jit(step), data_lib.on_device(info)
     for batch in data_lib.eval_batches(source, info, data.eval_batch_size, data.num_workers):
-        out = jitted(state, batch)
+        out = jitted(state, feed(batch))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     per_class = totals.pop("per_class")

@@ -71,8 +71,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image
     """Parameters and BN statistics from `seed` on a `(1, *image_shape)` input. A list of seeds gives the members'
     state (gconv.members): one per seed, stacked on a leading axis, each what its seed alone gives, its optimizer
     holding its own rates (`hyper`: `gconv.optim.hyperparams`' form, each leaf stacked over the members).
-    `shardings` (a `Sharding` or a tree of them): where the state is created, each device computing only its
-    share."""
+    `shardings` (a `Sharding` or a tree of them): where the state is created, each device computing its share."""
     init = _init(model, tx, image_shape)
     seeds = jnp.asarray(seed, jnp.int32)
     lowered = jax.jit(jax.vmap(init) if seeds.ndim else init, out_shardings=shardings).lower(seeds, hyper)
@@ -230,17 +229,18 @@ def _steps(runs: list[Run], p: _Program) -> tuple[Callable, Callable, Callable, 
     config = runs[0].config
     member_axis = parallel.MEMBER if parallel.MEMBER in p.mesh.axis_names else None
     if len(runs) > 1:
-        train = functools.partial(members.member_train_step, step=functools.partial(train_step, model=p.model,
-                                                                                   tx=p.tx),
-                                  label_smoothing=np.asarray([r.config.optim.label_smoothing for r in runs],
-                                                             np.float32), member_axis=member_axis,
-                                  vmap=config.member_vmap)
+        smoothing = np.asarray([r.config.optim.label_smoothing for r in runs], np.float32)
+        train = functools.partial(members.member_train_step, step=functools.partial(train_step, model=p.model, tx=p.tx),
+                                  label_smoothing=smoothing, member_axis=member_axis, vmap=config.member_vmap)
         evaluate_step = functools.partial(members.member_eval_step, step=functools.partial(eval_step, model=p.model),
                                           member_axis=member_axis, vmap=config.member_vmap)
     else:
         train = functools.partial(train_step, model=p.model, tx=p.tx, label_smoothing=config.optim.label_smoothing)
         evaluate_step = functools.partial(eval_step, model=p.model)
-    return parallel.compile_steps(train, evaluate_step, p.mesh, p.specs, config.parallel, members=len(runs) > 1)
+    train_fn, eval_fn, place_train, place_eval = parallel.compile_steps(train, evaluate_step, p.mesh, p.specs,
+                                                                       config.parallel, members=len(runs) > 1)
+    feed = data_lib.on_device(p.info)  # uint8 pixels travel, and are standardised on the devices
+    return train_fn, eval_fn, lambda b: feed(place_train(b)), lambda b: feed(place_eval(b))
 
 
 def _train(runs: list[Run], writer: bool) -> list[dict[str, Any]]:

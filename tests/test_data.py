@@ -9,6 +9,7 @@ from ml_collections import ConfigDict
 
 import tiny_tfds
 from gconv import data
+from tolerance import U32
 
 TINY_TFDS = tiny_tfds.GconvTinyShapes.name  # "gconv_tiny_shapes": a TFDS builder of the tests
 
@@ -74,8 +75,13 @@ def test_tfds_path_with_mock_data():
         source, info = data.get_source(_cfg(name="cifar10"), "train")
         assert info.image_shape == (32, 32, 3) and info.num_classes == 10
         batch = next(data.train_batches(source, info, 8, seed=0, augment=True))
-        assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
-        assert abs(float(batch["image"].mean())) < 3.0  # normalized
+        assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8  # pixels travel
+        placed = data.on_device(info)(batch)["image"]  # and are standardised on the device, as the host did
+        host = (batch["image"].astype(np.float32) / 255.0 - np.float32(info.mean)) / np.float32(info.std)
+        # the same three float32 operations; should XLA divide by 255 as a product with 1/255, that and the
+        # subtraction each move the value by u (both below 1 in size), divided by std, and the last division by u of
+        # the result: |error| <= 2 u / min(std) + 2 u |result|
+        np.testing.assert_allclose(placed, host, rtol=2 * U32, atol=2 * U32 / min(info.std))
         eval_source, _ = data.get_source(_cfg(name="cifar10"), "eval")
         assert sum(b["mask"].sum() for b in data.eval_batches(eval_source, info, 10)) == len(eval_source)
 
