@@ -29,6 +29,7 @@ def evaluate_variables(model: Any, variables: dict, data: ml_collections.ConfigD
 
     def step(state: TrainState, batch: dict) -> dict:
         sums = eval_step(state, batch, model=model)
+        # the same forward pass as eval_step's: XLA merges the two (one set of convolutions in the compiled step)
         hit = jnp.argmax(model.apply(state.variables(), batch["image"], train=False), -1) == batch["label"]
         mask = batch["mask"].astype(jnp.float32)
         per_class = jax.ops.segment_sum(jnp.stack([hit * mask, mask], -1), batch["label"], info.num_classes)

@@ -162,7 +162,7 @@ class GatherChannels(nn.Module):
         return jnp.take(x, index.value, axis=-1)
 
 
-class FullyLearnedGroupConv(nn.Module):
+class FullyLearnedGroupConv(GroupedConv):
     """FLGC (Wang et al. 2019): a conv whose input channels and filters are each assigned to one of `groups` groups
     by learned logits (`input_groups: (C_in, groups)`, `filter_groups: (features, groups)`); input `i` reaches filter
     `o` only when both are assigned the same group: the kernel times that 0/1 mask. The forward pass uses the hard
@@ -170,20 +170,9 @@ class FullyLearnedGroupConv(nn.Module):
     `C_in / groups` inputs and `features / groups` filters. Initialised as a standard group conv (contiguous groups)
     plus noise. The kernel is stored dense,
     `(*window, C_in, features)`; `ops.learned.assigned_conv` computes the deployed form.
-    `x: (N, *spatial, C_in) -> (N, *spatial_out, features)`.
+    `x: (N, *spatial, C_in) -> (N, *spatial_out, features)`. The other fields are `GroupedConv`'s.
     """
-    features: int
-    kernel_size: Sequence[int]
-    groups: int
     balanced: bool = False
-    strides: int | Sequence[int] = 1
-    padding: ops.Padding = "SAME"
-    dilation: int | Sequence[int] = 1
-    use_bias: bool = True
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Initializer = nn.initializers.he_normal()
-    bias_init: Initializer = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -202,7 +191,8 @@ class FullyLearnedGroupConv(nn.Module):
         mask = ops.learned.assignment_mask(input_logits, filter_logits, self.balanced).astype(kernel.dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel * mask, bias, dtype=self.dtype)
         with _lowering(self):
-            y = ops.grouped_conv(x, kernel, 1, strides=self.strides, padding=self.padding, dilation=self.dilation)
+            y = ops.grouped_conv(x, kernel, 1, strides=self.strides, padding=self.padding, dilation=self.dilation,
+                                 precision=self.precision, impl=self.impl)
         return y if bias is None else y + bias
 
 

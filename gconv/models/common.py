@@ -91,6 +91,25 @@ def model_state(variables: dict) -> dict:
     return {k: v for k, v in variables.items() if k not in ("params", "batch_stats")}
 
 
+
+def width_names(bare: str, prefix: str, widths: Mapping[str, float], other: str = "{:g}"
+                ) -> tuple[tuple[str, ...], Callable[[str], dict | None], Callable[[Any], str]]:
+    """`(variants, parse_name, name_of)` of a family whose registered names differ in width only: `PREFIX{code}`
+    for each `code -> width_multiplier` of `widths`, and `bare` taking the width as a field; a width not in
+    `widths` is named by `other` (`"w{:g}"`: `igcv3_w0.6`)."""
+    codes = {v: k for k, v in widths.items()}
+
+    def parse_name(name: str) -> dict | None:
+        if name == bare:
+            return {}
+        code = name[len(prefix):] if name.startswith(prefix) else None
+        return dict(width_multiplier=widths[code]) if code in widths else None
+
+    def name_of(model: Any) -> str:
+        return prefix + codes.get(model.width_multiplier, other.format(model.width_multiplier))
+
+    return tuple(prefix + code for code in widths), parse_name, name_of
+
 def torch_padding(kernel: int, dilation: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
     """Symmetric padding `k // 2` as PyTorch models use it; "SAME" pads stride-2 convs differently."""
     p = dilation * (kernel - 1) // 2

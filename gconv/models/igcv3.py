@@ -10,14 +10,13 @@ Names: `igcv3_w1`, `igcv3_w3d4`, `igcv3_wd2`, `igcv3_wd4`, or `igcv3` with `widt
 """
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 
 from gconv import ops
-from gconv.models.common import IMGCLSMOB, ClassifierNet, ModelFamily, ModuleDef, torch_namer
+from gconv.models.common import IMGCLSMOB, ClassifierNet, ModelFamily, ModuleDef, torch_namer, width_names
 
 GROUPS = 2  # both pointwise convs
 EXPANSION = 6
@@ -107,20 +106,7 @@ class IGCV3(ClassifierNet):
 # --- the family: names, PyTorch layout ----------------------------------------------------------------------------
 
 WIDTHS = {"w1": 1.0, "w3d4": 0.75, "wd2": 0.5, "wd4": 0.25}
-VARIANTS = tuple(f"igcv3_{w}" for w in WIDTHS)
-_NAME = re.compile(r"igcv3_(\w+)")
-
-
-def parse_name(name: str) -> dict | None:
-    if name == "igcv3":
-        return {}
-    match = _NAME.fullmatch(name)
-    return dict(width_multiplier=WIDTHS[match.group(1)]) if match and match.group(1) in WIDTHS else None
-
-
-def name_of(model: IGCV3) -> str:
-    code = {v: k for k, v in WIDTHS.items()}.get(model.width_multiplier, f"w{model.width_multiplier:g}")
-    return f"igcv3_{code}"
+VARIANTS, parse_name, name_of = width_names("igcv3", "igcv3_", WIDTHS, other="w{:g}")
 
 
 FAMILY = ModelFamily(

@@ -6,7 +6,6 @@ Names: `shufflenet_v2_x{0_5,1_0,1_5,2_0}`, or `shufflenet_v2` with `width_multip
 from __future__ import annotations
 
 import functools
-import re
 from typing import Sequence
 
 import flax.linen as nn
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 
 from gconv import ops
 from gconv.models.common import (TORCHVISION, ClassifierNet, ModelFamily, ModuleDef, Stage, max_pool_3x3_s2,
-                                 torch_namer)
+                                 torch_namer, width_names)
 
 # torchvision's stage output channels (stages 2-4, then the final 1x1 conv) for each width.
 CHANNELS = {
@@ -77,20 +76,7 @@ class ShuffleNetV2(ClassifierNet):
 # --- the family: names, PyTorch layout ----------------------------------------------------------------------------
 
 WIDTHS = {"0_5": 0.5, "1_0": 1.0, "1_5": 1.5, "2_0": 2.0}
-VARIANTS = tuple(f"shufflenet_v2_x{w}" for w in WIDTHS)
-_NAME = re.compile(r"shufflenet_v2_x(\w+)")
-
-
-def parse_name(name: str) -> dict | None:
-    if name == "shufflenet_v2":
-        return {}
-    match = _NAME.fullmatch(name)
-    return dict(width_multiplier=WIDTHS[match.group(1)]) if match and match.group(1) in WIDTHS else None
-
-
-def name_of(model: ShuffleNetV2) -> str:
-    code = {v: k for k, v in WIDTHS.items()}.get(model.width_multiplier, f"{model.width_multiplier:g}")
-    return f"shufflenet_v2_x{code}"
+VARIANTS, parse_name, name_of = width_names("shufflenet_v2", "shufflenet_v2_x", WIDTHS)
 
 
 _TORCH_LAYERS = {"branch1_dw_conv": "branch1.0", "branch1_dw_bn": "branch1.1", "branch1_conv": "branch1.2",
