@@ -165,6 +165,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(
         name="digits", data_dir="", batch_size=64, eval_batch_size=256, augment=True, image_size=32, num_classes=10,
         num_workers=-1,  # input threads per process; -1: every core of the host
+        worker_processes=0,  # grain worker processes, each with num_workers threads (0: threads in this process)
         crop_size=0,  # ImageNet-size datasets: the crop's side (0: 224; AlexNet's Caffe layout takes 227)
         # any TFDS dataset (gconv.data): splits with slicing ("" = its own), the training crop, RGB mean and std of
         # pixels in [0, 1] (empty: measured once on the training split, cached beside the data)
@@ -229,13 +230,16 @@ def flat_items(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_INPUT_WORKERS = ("data.num_workers", "data.worker_processes")  # how fast batches come, not what they hold
+
+
 def _what(config_json: dict) -> dict[str, Any]:
     """What a run trained with, as dotted keys: the config less placement, input threads and the published figures
     the report shows beside it (`paper_*`), with keys it lacks at gconv's defaults (a key added to gconv since the
     run was written, at its default, changes nothing)."""
     defaults = flat_items(json.loads(base_config().to_json_best_effort()))
     return {k: v for k, v in {**defaults, **flat_items(config_json)}.items()
-            if k.split(".")[0] not in _PLACEMENT and k != "data.num_workers" and not k.startswith("paper_")}
+            if k.split(".")[0] not in _PLACEMENT and k not in _INPUT_WORKERS and not k.startswith("paper_")}
 
 
 def check_config(run_dir: epath.Path, config_json: dict) -> None:

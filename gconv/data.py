@@ -13,18 +13,21 @@ Every pipeline is a grain `MapDataset`, so batch `i` of training is a pure funct
 `s` reads from batch `s` on, and a resumed run sees exactly the batches an uninterrupted one would.
 Batches are dicts of numpy arrays: `image: (B, H, W, C)`, `label: (B,) int32`, `mask: (B,) bool`
 (False marks the padding of the last eval batch). Images are float32, standardised, for the offline sets, and the
-decoded `uint8` pixels for TFDS datasets and folders: `on_device(info)` standardises those once placed.
+decoded `uint8` pixels for TFDS datasets and folders: the jitted steps standardise those (`standardized`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
+import math
 import os
 from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
 
-__all__ = ["DatasetInfo", "get_source", "train_batches", "eval_batches", "on_device", "measured_mean_std", "prepare",
+__all__ = ["DatasetInfo", "get_source", "train_batches", "eval_batches", "standardize", "standardized", "crop_box", "measured_mean_std", "prepare",
            "DATASETS",
            "OFFLINE", "CROPS"]
 
@@ -40,7 +43,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     crop: str = "pad_flip"  # the training crop: "random_resized" or "pad_flip"
     classes: tuple[str, ...] = ()  # the class names, where the data has them (an image folder's sub-folders)
-    pixels: str = "float32"  # what batches carry: "float32" standardised on the host, or "uint8" (see `on_device`)
+    pixels: str = "float32"  # what batches carry: "float32" standardised on the host, or "uint8" (see `standardize`)
 
 
 # name -> (tfds name, train split, eval split, classes, image size after preprocessing, mean, std)
@@ -102,7 +105,7 @@ def _tfds_source(tfds_name: str, split: str, data_dir: str | None):
     import tensorflow_datasets as tfds
 
     try:
-        return tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False)
+        source = tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises several types for "not prepared"; all end here with the same advice
         said = (str(e).strip().splitlines() or [""])[0][:300]
         raise FileNotFoundError(
@@ -113,6 +116,10 @@ def _tfds_source(tfds_name: str, split: str, data_dir: str | None):
             f".download_and_prepare(file_format='array_record')\"; imagenet2012 needs the ILSVRC2012 tar files in "
             f"DIR/downloads/manual first), then pass --config.data.data_dir=DIR (TFDS said: {type(e).__name__}: "
             f"{said})") from e
+    image = source.dataset_info.features["image"]
+    if isinstance(image, tfds.features.Image) and image.np_dtype == np.uint8:
+        source.decoders = {"image": tfds.decode.SkipDecoding()}  # encoded: decoded knowing the crop (_opened)
+    return source
 
 
 def prepare(data: Any) -> str:
@@ -127,20 +134,18 @@ def prepare(data: Any) -> str:
     where = builder.data_dir
     if builder.is_prepared() and getattr(builder.info.file_format, "value", None) == "array_record":
         return f"{tfds_name}: prepared already in {where}"
-    import importlib.util
-
     import tensorflow_datasets as tfds
 
-    images = any(isinstance(f, tfds.features.Image) for f in builder.info.features.values())
-    if images and importlib.util.find_spec("tensorflow") is None:
-        raise ModuleNotFoundError(f"preparing {tfds_name} needs TensorFlow, which TFDS uses to encode its images: "
-                                  f"pip install tensorflow-cpu where you prepare it (reading it for training needs "
-                                  f"no TensorFlow).")
     try:
         builder.download_and_prepare(file_format="array_record",
                                      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     except Exception as e:  # download errors come in many types (network, missing manual files, checksums)
         said = (str(e).strip().splitlines() or [""])[0][:300]
+        if "No module named 'tensorflow'" in str(e):  # TFDS encodes images given as arrays with TensorFlow
+            raise ModuleNotFoundError(f"preparing {tfds_name} needs TensorFlow, which TFDS uses to encode its "
+                                      f"images: pip install tensorflow-cpu where you prepare it and run it again "
+                                      f"(the downloads in {where} are kept; training reads the prepared files "
+                                      f"without TensorFlow).") from e
         raise FileNotFoundError(f"{tfds_name} could not be prepared in {where} ({type(e).__name__}: {said}): run "
                                 f"python launch.py prepare --config EXPERIMENT --config.data.data_dir=DIR where there "
                                 f"is a network (imagenet2012: with the ILSVRC2012 tar files in "
@@ -262,7 +267,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 class _FolderSource:
     """An ImageFolder split, `DIR/CLASS/*.{jpg,jpeg,png}` (local or `gs://`): record `i` is the `i`-th file in
-    (class, file name) order, decoded to RGB `uint8` when it is read (in the input workers)."""
+    (class, file name) order, its encoded bytes (decoded by the augmentation, in the input workers, knowing the
+    crop)."""
 
     def __init__(self, root: Any, classes: Sequence[str]):
         self.files, self.labels = [], []
@@ -276,12 +282,8 @@ class _FolderSource:
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        from PIL import Image
-
-        with self.files[i].open("rb") as f:
-            image = np.asarray(Image.open(f).convert("RGB"))
-        return {"image": image, "label": np.int32(self.labels[i])}
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": self.files[i].read_bytes(), "label": np.int32(self.labels[i]), "file": str(self.files[i])}
 
 
 def folder_classes(path: str, train_split: str = "train") -> list[str]:
@@ -330,11 +332,11 @@ def measured_mean_std(source: Sequence[dict], info: DatasetInfo, path: Any, samp
     if storage.exists(path):
         stats = storage.read_json(path)
         return tuple(stats["mean"]), tuple(stats["std"])
-    prepare = _evaluation_view(info)
+    view = _evaluation_view(info)
     index = np.unique(np.linspace(0, len(source) - 1, min(sample, len(source))).astype(int))
     sums = np.zeros((2, 3))
     for i in index:
-        image = prepare(_channels(np.asarray(source[int(i)]["image"]), info)).astype(np.float64) / 255.0
+        image = view(_opened(source[int(i)], info)).astype(np.float64) / 255.0
         image = image.reshape(-1, 3)
         sums += [image.mean(0), np.square(image).mean(0)]
     mean = sums[0] / len(index)
@@ -347,24 +349,63 @@ def measured_mean_std(source: Sequence[dict], info: DatasetInfo, path: Any, samp
 
 # --- preprocessing (numpy, per example) -------------------------------------------------------------------------
 
-def on_device(info: DatasetInfo) -> Callable[[dict], dict]:
-    """What a batch placed on its devices goes through before the step: `uint8` pixels (`info.pixels`: images
-    decoded from files, a quarter of float32's bytes on the way to the devices) standardised there, as
-    `_standardize` does on the host, by a jitted elementwise program (each device its own rows); float batches
-    pass as they are."""
+def standardize(info: DatasetInfo) -> Callable[[dict], dict]:
+    """What a batch goes through inside the jitted step, before the model: `uint8` pixels (`info.pixels`: images
+    decoded from files, a quarter of float32's bytes on the way to the devices) standardised as `_standardize` does
+    on the host, elementwise (XLA fuses it into the first layer's input); float batches pass as they are."""
     if info.pixels != "uint8":
         return lambda batch: batch
-    import jax
     import jax.numpy as jnp
 
     mean, std = np.asarray(info.mean, np.float32), np.asarray(info.std, np.float32)
-    return jax.jit(lambda batch: {**batch, "image": (batch["image"].astype(jnp.float32) / 255.0 - mean) / std})
+    return lambda batch: {**batch, "image": (batch["image"].astype(jnp.float32) / 255.0 - mean) / std}
+
+
+def standardized(step: Callable, info: DatasetInfo) -> Callable:
+    """`step(state, batch, ...)` taking the batch as the input pipeline leaves it (see `standardize`)."""
+    if info.pixels != "uint8":
+        return step
+    prepare = standardize(info)
+    return functools.wraps(step)(lambda state, batch, *args, **kwargs: step(state, prepare(batch), *args, **kwargs))
 
 
 def _standardize(image: np.ndarray, info: DatasetInfo) -> np.ndarray:
     scale = 255.0 if image.dtype == np.uint8 else 1.0
     image = image.astype(np.float32) / scale
     return (image - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
+
+
+def _opened(record: dict, info: DatasetInfo) -> Any:
+    """A record's image: encoded bytes (a folder's file, a TFDS image read undecoded) opened as a PIL image whose
+    header is read and pixels not yet decoded (so the crop is known before decoding), or decoded pixels
+    `(H, W, C)` as they are (grey repeated to 3 channels where the dataset is colour)."""
+    value = record["image"]
+    if isinstance(value, (bytes, np.bytes_)):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            return Image.open(io.BytesIO(value))
+        except UnidentifiedImageError:
+            raise ValueError(f"{record.get('file', 'a record')}: not a JPEG or PNG image PIL can read (remove it, or "
+                             f"convert it).") from None
+    return _channels(np.asarray(value), info)
+
+
+def _size(image: Any) -> tuple[int, int]:
+    return image.shape[:2] if isinstance(image, np.ndarray) else (image.height, image.width)
+
+
+def _decoded(image: Any, at_least: tuple[int, int] | None = None) -> tuple[Any, float, float]:
+    """`(RGB image, sy, sx)`: an opened file decoded, a JPEG at 1/2, 1/4 or 1/8 of its size when it stays at least
+    `at_least = (h, w)` (PIL's `draft`: the DCT scaled in the decoder), `(sy, sx)` the scale it was decoded at;
+    pixels pass as they are."""
+    if isinstance(image, np.ndarray):
+        return image, 1.0, 1.0
+    h, w = _size(image)
+    if at_least is not None:
+        image.draft("RGB", (max(1, math.ceil(at_least[1])), max(1, math.ceil(at_least[0]))))
+    sy, sx = image.height / h, image.width / w
+    return (image if image.mode == "RGB" else image.convert("RGB")), sy, sx
 
 
 def _pad_crop_flip(image: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
@@ -382,29 +423,44 @@ def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(np.asarray(image, np.uint8)).resize(size[::-1], Image.BILINEAR))
 
 
-def _random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
-                         scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
-    """Inception-style crop (area fraction in `scale`, aspect in `ratio`), resized to `size`, random flip."""
-    h, w = image.shape[:2]
+def crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+             ) -> tuple[int, int, int, int]:
+    """`(top, left, height, width)` of an Inception-style crop of an `h x w` image: area fraction uniform in
+    `scale`, aspect (width / height) log-uniform in `ratio`, position uniform; the first of 10 draws that fits,
+    else the whole image (torchvision's `RandomResizedCrop` without its clamped fallback)."""
     for _ in range(10):
         area = h * w * rng.uniform(*scale)
         aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
         ch, cw = int(round(np.sqrt(area / aspect))), int(round(np.sqrt(area * aspect)))
         if 0 < ch <= h and 0 < cw <= w:
-            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            break
-    else:  # fall back to a center crop of the whole image
-        ch, cw, top, left = h, w, 0, 0
-    image = _resize(image[top:top + ch, left:left + cw], (size, size))
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    return 0, 0, h, w
+
+
+def _random_resized_crop(image: Any, rng: np.random.Generator, size: int) -> np.ndarray:
+    """`crop_box`'s crop resized to `size` (bilinear), flipped with probability 1/2. A file is decoded knowing the
+    crop: a JPEG at the smallest of 1, 1/2, 1/4, 1/8 of its size that keeps the crop at least `size`, and only the
+    crop's box resampled (no copy of the crop)."""
+    from PIL import Image
+
+    h, w = _size(image)
+    top, left, ch, cw = crop_box(h, w, rng)
+    if isinstance(image, np.ndarray):
+        image = _resize(image[top:top + ch, left:left + cw], (size, size))
+    else:
+        image, sy, sx = _decoded(image, (h * size / ch, w * size / cw))
+        box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+        image = np.asarray(image.resize((size, size), Image.BILINEAR, box=box))
     return image[:, ::-1] if rng.random() < 0.5 else image
 
 
-def _center_crop(image: np.ndarray, size: int, resize_ratio: float = 256 / 224) -> np.ndarray:
-    """Resize the shorter side to `size * resize_ratio`, then crop the center `size x size`."""
-    h, w = image.shape[:2]
+def _center_crop(image: Any, size: int, resize_ratio: float = 256 / 224) -> np.ndarray:
+    """Resize the shorter side to `size * resize_ratio`, then crop the center `size x size` (a JPEG decoded at a
+    reduced size when that stays at least the resized one)."""
+    h, w = _size(image)
     short = int(round(size * resize_ratio))
     nh, nw = (short, int(round(w * short / h))) if h <= w else (int(round(h * short / w)), short)
-    image = _resize(image, (nh, nw))
+    image = _resize(np.asarray(_decoded(image, (nh, nw))[0]), (nh, nw))
     top, left = (nh - size) // 2, (nw - size) // 2
     return image[top:top + size, left:left + size]
 
@@ -414,20 +470,22 @@ def _channels(image: np.ndarray, info: DatasetInfo) -> np.ndarray:
     return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 and info.image_shape[-1] == 3 else image
 
 
-def _evaluation_view(info: DatasetInfo) -> Callable[[np.ndarray], np.ndarray]:
-    """Evaluation's geometry: `random_resized` datasets resized to 256/224 of the size and center-cropped (always,
-    as ImageNet's recipe does); `pad_flip` ones only when an image is not of the size already (then ratio 1)."""
+def _evaluation_view(info: DatasetInfo) -> Callable[[Any], np.ndarray]:
+    """Evaluation's geometry of an opened image: `random_resized` datasets resized to 256/224 of the size and
+    center-cropped (always, as ImageNet's recipe does); `pad_flip` ones only when an image is not of the size
+    already (then ratio 1)."""
     size = info.image_shape[0]
     if info.crop == "random_resized":
         return lambda image: _center_crop(image, size)
-    return lambda image: image if image.shape[:2] == (size, size) else _center_crop(image, size, 1.0)
+    return lambda image: (np.asarray(_decoded(image)[0]) if _size(image) == (size, size)
+                          else _center_crop(image, size, 1.0))
 
 
 def _augmenter(info: DatasetInfo, train: bool, augment: bool) -> Callable[[dict, np.random.Generator], dict]:
     size, view = info.image_shape[0], _evaluation_view(info)
 
     def fn(record: dict, rng: np.random.Generator) -> dict:
-        image = _channels(np.asarray(record["image"]), info)
+        image = _opened(record, info)
         if train and augment and info.crop == "random_resized":
             image = _random_resized_crop(image, rng, size)
         elif train and augment:
@@ -451,9 +509,11 @@ def num_threads(num_workers: int) -> int:
 
 def train_batches(source: Sequence[dict], info: DatasetInfo, batch_size: int, *, seed: int, start_step: int = 0,
                   augment: bool = True, num_workers: int = 2, prefetch: int = 4, shard_index: int = 0,
-                  shard_count: int = 1) -> Iterator[dict]:
+                  shard_count: int = 1, worker_processes: int = 0) -> Iterator[dict]:
     """Endless training batches from batch `start_step` on: reshuffled each epoch, augmented, prefetched, read by
-    `num_workers` threads (-1: every core).
+    `num_workers` threads (-1: every core), in each of `worker_processes` grain worker processes when > 0 (batch
+    `i` made by process `i mod worker_processes`: the same batches in the same order, for hosts with many cores,
+    where threads contend for Python's lock).
 
     `batch_size` is global. Of each global batch, shard `shard_index` of `shard_count` (a process's share in a
     multi-process run) reads, decodes and augments only its rows `[shard_index * b, (shard_index + 1) * b)`,
@@ -471,7 +531,15 @@ def train_batches(source: Sequence[dict], info: DatasetInfo, batch_size: int, *,
           .random_map(fn, seed=seed + 1).batch(rows, drop_remainder=True))  # records' randomness: by global index
     ds = ds[start_step * shard_count + shard_index::shard_count]
     options = grain.ReadOptions(num_threads=num_threads(num_workers), prefetch_buffer_size=prefetch)
-    return iter(ds.to_iter_dataset(options))
+    ds = ds.to_iter_dataset(options)
+    if worker_processes < 0:
+        raise ValueError(f"data.worker_processes={worker_processes} must be >= 0 (0: threads only).")
+    if worker_processes:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (their defaults: gconv parses none)
+            flags.FLAGS.mark_as_parsed()
+    return iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_processes)) if worker_processes else ds)
 
 
 def eval_batches(source: Sequence[dict], info: DatasetInfo, batch_size: int, num_workers: int = 2) -> Iterator[dict]:

@@ -2,7 +2,7 @@
 weights file, on a dataset split, giving top-1/top-5 error and loss (`python launch.py eval ...`)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +17,12 @@ from gconv.train import TrainState, eval_step
 __all__ = ["evaluate_variables", "evaluate_run", "evaluate_weights"]
 
 
-def evaluate_variables(model: Any, variables: dict, data: ml_collections.ConfigDict, split: str = "eval") -> dict:
+def evaluate_variables(model: Any, variables: dict, data: ml_collections.ConfigDict, split: str = "eval",
+                       names: Sequence[str] = ()) -> dict:
     """`{eval_top1_error, eval_top5_error, eval_loss, images, classes}` of `model` with `variables` on every example
     of `split` ("eval" or "train", without augmentation) of the dataset `data` (a config's `data` block). `classes`:
     per class, `(name, top-1 error %, images)`, named as the data names them (an image folder's sub-folders, a TFDS
-    dataset's label names), else by index."""
+    dataset's label names; `names` when given: a run's `classes.json`), else by index."""
     source, info = data_lib.get_source(data, split)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                        batch_stats=variables.get("batch_stats", {}), opt_state=None, rng=None,
@@ -35,13 +36,13 @@ def evaluate_variables(model: Any, variables: dict, data: ml_collections.ConfigD
         per_class = jax.ops.segment_sum(jnp.stack([hit * mask, mask], -1), batch["label"], info.num_classes)
         return {**sums, "per_class": per_class}  # (classes, [correct, count])
 
-    totals, jitted, feed = None, jax.jit(step), data_lib.on_device(info)
+    totals, jitted = None, jax.jit(data_lib.standardized(step, info))
     for batch in data_lib.eval_batches(source, info, data.eval_batch_size, data.num_workers):
-        out = jitted(state, feed(batch))
+        out = jitted(state, batch)
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     per_class = totals.pop("per_class")
-    names = info.classes or tuple(str(i) for i in range(info.num_classes))
+    names = names or info.classes or tuple(str(i) for i in range(info.num_classes))
     classes = [(name, 100.0 * (1.0 - correct / count), int(count))
                for name, (correct, count) in zip(names, per_class) if count > 0]
     return {**error_scores({k: float(v) for k, v in totals.items()}), "images": len(source), "classes": classes}
@@ -62,7 +63,8 @@ def evaluate_run(run_dir: Any, checkpoint: str = "latest", split: str = "eval") 
     step = checkpoints.choose_checkpoint(run_dir, checkpoint)
     restored = checkpoints.restore_on_host(run_dir / "checkpoints" / str(step) / "default")
     model = model_from_config(config.model, _classes(restored, config.model.name))
-    scores = evaluate_variables(model, checkpoints.model_variables(restored), config.data, split)
+    names = storage.read_json(run_dir / "classes.json") if storage.exists(run_dir / "classes.json") else ()
+    scores = evaluate_variables(model, checkpoints.model_variables(restored), config.data, split, names)
     return {**scores, "model": family_of(model).name_of(model), "step": step, "split": split}
 
 

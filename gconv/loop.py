@@ -22,7 +22,7 @@ from gconv.progress import Progress
 from gconv.summary import run_summary
 
 __all__ = ["Run", "Tick", "restore_group", "evaluate", "every", "Guard", "Log", "Evaluate", "Checkpoint", "run_actions",
-           "open_runs", "kept_summaries", "host_batches", "training_input", "close", "summaries"]
+           "check_classes", "write_run_files", "open_runs", "kept_summaries", "host_batches", "training_input", "close", "summaries"]
 
 
 @dataclasses.dataclass
@@ -49,6 +49,25 @@ class Tick:
     state: Any
     stopping: Any  # the stop signal's name, or None
     scores: list | None = None  # this step's evaluation, one dict per run
+
+
+def check_classes(runs: list[Run], info: data_lib.DatasetInfo) -> None:
+    """Refuses, before anything is restored or written, runs whose data names other classes than when they began
+    (their `classes.json`: an image folder's sub-folders changed)."""
+    for run in runs:
+        path = run.run_dir / "classes.json"
+        if storage.exists(path) and tuple(storage.read_json(path)) != info.classes:
+            raise ValueError(f"{run.run_dir}: the data's classes changed since this run began (was "
+                             f"{storage.read_json(path)}, now {list(info.classes)}): restore the data as it was, or "
+                             f"train in a new run directory.")
+
+
+def write_run_files(runs: list[Run], info: data_lib.DatasetInfo) -> None:
+    """Each run's `config.json`, and `classes.json` (the class names, for `eval`) where the data names them."""
+    for run in runs:
+        storage.write_json(run.run_dir / "config.json", run.config_json)
+        if info.classes:
+            storage.write_json(run.run_dir / "classes.json", list(info.classes))
 
 
 def open_runs(runs: list[Run], start_step: int, keep: int, writer: bool) -> None:
@@ -258,6 +277,7 @@ def host_batches(config: ml_collections.ConfigDict, p: Any, seed: int, start: in
     """This process's rows of each training batch of `seed`'s order from step `start` (host arrays)."""
     return data_lib.train_batches(p.train_source, p.info, config.data.batch_size, seed=seed, start_step=start,
                                   augment=config.data.augment, num_workers=config.data.num_workers,
+                                  worker_processes=config.data.get("worker_processes", 0),
                                   **parallel.input_shard(p.mesh))
 
 
@@ -265,9 +285,19 @@ def training_input(runs: list[Run], p: Any, place: Callable, start: int) -> Iter
     """This process's rows of each training batch from step `start` (members: its members' batches, stacked)."""
     config = runs[0].config
     if len(runs) == 1:
-        return map(place, host_batches(config, p, config.seed, start))
+        return _closing([host_batches(config, p, config.seed, start)], lambda group: place(group[0]))
     fed = [host_batches(config, p, runs[i].config.seed, start) for i in parallel.member_block(p.mesh, len(runs))]
-    return (place(jax.tree.map(lambda *rows: np.stack(rows), *group)) for group in zip(*fed))
+    return _closing(fed, lambda group: place(jax.tree.map(lambda *rows: np.stack(rows), *group)))
+
+
+def _closing(iterators: list[Iterator[dict]], combine: Callable[[tuple], dict]) -> Iterator[dict]:
+    """`combine` of the iterators' next elements, in turn; closes them when dropped (grain's worker processes)."""
+    try:
+        for group in zip(*iterators):
+            yield combine(group)
+    finally:
+        for it in iterators:
+            getattr(it, "close", lambda: None)()
 
 
 def close(runs: list[Run]) -> None:

@@ -100,7 +100,7 @@ def _blocks(fn: Callable, xs: Any, width: int, member_axis: str | None) -> Any:
     mesh's `member_axis` when given); the blocks one after another in the program (unrolled: XLA's CPU runs a loop
     body several times slower than the same code outside one)."""
     count = jax.tree.leaves(xs)[0].shape[0]
-    mapped = jax.vmap(fn, spmd_axis_name=member_axis)
+    mapped = jax.vmap(fn, axis_name=choice.MEMBERS, spmd_axis_name=member_axis)  # the convs see the width
     if width == count:
         return mapped(xs)
     outs = [mapped(jax.tree.map(lambda x: x[i:i + width], xs)) for i in range(0, count, width)]
@@ -114,14 +114,12 @@ def member_train_step(states: Any, batches: dict, *, step: Callable, label_smoot
     (gconv.optim), so the step is the one a single run takes. `vmap` members are computed at once (`vmap_width`),
     in a loop over the K / `vmap` such blocks; the member axis is split over the mesh's `member_axis` when given."""
     width = vmap_width(states.step.shape[0], vmap)
-    with choice.members(width):  # the convs' lowering choice, keyed by the width (a function of the step's shapes)
-        return _blocks(lambda args: step(args[0], args[1], label_smoothing=args[2], **kwargs),
-                       (states, batches, jnp.asarray(label_smoothing)), width, member_axis)
+    return _blocks(lambda args: step(args[0], args[1], label_smoothing=args[2], **kwargs),
+                   (states, batches, jnp.asarray(label_smoothing)), width, member_axis)
 
 
 def member_eval_step(states: Any, batch: dict, *, step: Callable, member_axis: str | None = None, vmap: int = 0,
                      **kwargs) -> dict:
     """`step` (gconv.train.eval_step) of every member on the same `batch`: sums with a leading member axis."""
     width = vmap_width(states.step.shape[0], vmap)
-    with choice.members(width):
-        return _blocks(lambda state: step(state, batch, **kwargs), states, width, member_axis)
+    return _blocks(lambda state: step(state, batch, **kwargs), states, width, member_axis)

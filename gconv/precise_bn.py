@@ -16,21 +16,24 @@ import flax.linen as nn
 import jax
 from flax import traverse_util
 
+from gconv import data as data_lib
 from gconv.loop import host_batches
 
 __all__ = ["precise_batch_stats", "recompute"]
 
 
 def precise_batch_stats(model: nn.Module, params: Any, batch_stats: Any, batches: Iterable[dict],
-                        model_state: dict | None = None) -> Any:
+                        model_state: dict | None = None, prepare: Callable[[dict], dict] = lambda batch: batch
+                        ) -> Any:
     """The `batch_stats` tree recomputed over `batches` (each `image: (n_b, H, W, C)`), with the structure and
-    shardings of `batch_stats`. `model` is the global model; `model_state` its other collections (read only)."""
+    shardings of `batch_stats`. `model` is the global model; `model_state` its other collections (read only);
+    `prepare` what a batch goes through in the jitted pass first (gconv.data.standardize)."""
     model = model.clone(bn_momentum=0.0)
 
     @jax.jit
-    def moments(images):
+    def moments(batch):
         variables = {"params": params, "batch_stats": batch_stats, **(model_state or {})}
-        _, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
+        _, updates = model.apply(variables, prepare(batch)["image"], train=True, mutable=["batch_stats"],
                                  rngs={"dropout": jax.random.PRNGKey(0)})
         return traverse_util.flatten_dict(updates["batch_stats"])
 
@@ -39,7 +42,7 @@ def precise_batch_stats(model: nn.Module, params: Any, batch_stats: Any, batches
     count = 0
     for batch in batches:
         n = batch["image"].shape[0]
-        flat = moments(batch["image"])
+        flat = moments({"image": batch["image"]})
         for path in flat:
             if path[-1] == "mean":
                 layer = path[:-1]
@@ -66,6 +69,7 @@ def recompute(config: Any, p: Any, place: Callable) -> Callable | None:
     def recompute_state(state: Any) -> Any:
         images = itertools.islice(host_batches(config, p, config.seed, 0), -(-config.precise_bn_images // batch_size))
         return state.replace(batch_stats=precise_batch_stats(p.model, state.params, state.batch_stats,
-                                                             map(place, images), state.model_state))
+                                                             map(place, images), state.model_state,
+                                                             data_lib.standardize(p.info)))
 
     return recompute_state

@@ -102,7 +102,7 @@ def _analyze_run(run_dir: epath.Path, num_images: int, checkpoint: str) -> dict[
                                 f"(WORKDIR/POINT) that has trained.")
     config = ml_collections.ConfigDict(storage.read_json(config_path))
     source, info = data.get_source(config.data, "eval")
-    batch = data.on_device(info)(next(data.eval_batches(source, info, min(num_images, len(source)))))["image"]
+    batch = data.standardize(info)(next(data.eval_batches(source, info, min(num_images, len(source)))))["image"]
     model = model_from_config(config.model, info.num_classes)
     restore = lambda step: checkpoints.restore_on_host(ckpt_dir / str(step) / "default")  # noqa: E731
     if checkpoint == "latest":  # the newest readable one, setting damaged ones aside

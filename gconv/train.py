@@ -25,7 +25,8 @@ from jax.sharding import PartitionSpec as P
 from gconv import data as data_lib
 from gconv import autotune, checkpoints, members, parallel, precise_bn, runlock, storage, watchdog
 from gconv.loop import (Checkpoint, Evaluate, Guard, Log, Run, Tick, close, evaluate, every, kept_summaries,
-                        open_runs, restore_group, run_actions, summaries, training_input)
+                        open_runs, restore_group, run_actions, summaries, training_input, write_run_files,
+                        check_classes)
 from gconv.config import check_config
 from gconv.convert import load_torch_weights_for
 from gconv.models import model_from_config, model_state
@@ -237,21 +238,19 @@ def _steps(runs: list[Run], p: _Program) -> tuple[Callable, Callable, Callable, 
     else:
         train = functools.partial(train_step, model=p.model, tx=p.tx, label_smoothing=config.optim.label_smoothing)
         evaluate_step = functools.partial(eval_step, model=p.model)
-    train_fn, eval_fn, place_train, place_eval = parallel.compile_steps(train, evaluate_step, p.mesh, p.specs,
-                                                                       config.parallel, members=len(runs) > 1)
-    feed = data_lib.on_device(p.info)  # uint8 pixels travel, and are standardised on the devices
-    return train_fn, eval_fn, lambda b: feed(place_train(b)), lambda b: feed(place_eval(b))
+    train, evaluate_step = (data_lib.standardized(f, p.info) for f in (train, evaluate_step))  # uint8 pixels in
+    return parallel.compile_steps(train, evaluate_step, p.mesh, p.specs, config.parallel, members=len(runs) > 1)
 
 
 def _train(runs: list[Run], writer: bool) -> list[dict[str, Any]]:
     """Build, restore, compile, then the loop: a step, then the periodic actions that are due."""
     config, count, joined = runs[0].config, len(runs), len(runs) > 1
     p = _program(runs)
+    check_classes(runs, p.info)
     resume_step, state = _initial_state(runs, p, writer)
     start_step, total_steps = resume_step or 0, p.total_steps
     if writer:  # the config is good and the state is built: from here on the directories hold these runs
-        for run in runs:
-            storage.write_json(run.run_dir / "config.json", run.config_json)
+        write_run_files(runs, p.info)
     if start_step >= total_steps and all(storage.exists(run.run_dir / "summary.json") for run in runs):
         return kept_summaries(runs, start_step)
     if writer and resume_step is not None:

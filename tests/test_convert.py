@@ -132,7 +132,7 @@ def test_eval_command_scores_a_weights_file_on_a_dataset(cli, capsys):
         variables = load_torch_weights("shufflenet_v2_x0_5", fixture)
         model = create_model("shufflenet_v2_x0_5", num_classes=10)
         correct = count = 0
-        for batch in map(data.on_device(info), data.eval_batches(source, info, 8)):
+        for batch in map(jax.jit(data.standardize(info)), data.eval_batches(source, info, 8)):
             predicted = np.argmax(np.asarray(model.apply(variables, batch["image"])), -1)
             correct += int(np.sum((predicted == batch["label"]) & batch["mask"]))
             count += int(np.sum(batch["mask"]))

@@ -1,7 +1,10 @@
 """Input pipelines: digits split, deterministic resumable batches, eval padding, TFDS through mock data, any
 TFDS dataset by name (its info, image sizes, split slices, a measured mean and std)."""
+import io
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -76,7 +79,7 @@ def test_tfds_path_with_mock_data():
         assert info.image_shape == (32, 32, 3) and info.num_classes == 10
         batch = next(data.train_batches(source, info, 8, seed=0, augment=True))
         assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8  # pixels travel
-        placed = data.on_device(info)(batch)["image"]  # and are standardised on the device, as the host did
+        placed = jax.jit(data.standardize(info))(batch)["image"]  # and are standardised on the device, as the host did
         host = (batch["image"].astype(np.float32) / 255.0 - np.float32(info.mean)) / np.float32(info.std)
         # the same three float32 operations; should XLA divide by 255 as a product with 1/255, that and the
         # subtraction each move the value by u (both below 1 in size), divided by std, and the last division by u of
@@ -84,6 +87,43 @@ def test_tfds_path_with_mock_data():
         np.testing.assert_allclose(placed, host, rtol=2 * U32, atol=2 * U32 / min(info.std))
         eval_source, _ = data.get_source(_cfg(name="cifar10"), "eval")
         assert sum(b["mask"].sum() for b in data.eval_batches(eval_source, info, 10)) == len(eval_source)
+
+
+def test_the_step_on_uint8_pixels_is_the_step_on_host_standardised_images(rng):
+    """`standardized(train_step)` fed uint8 pixels against `train_step` fed the host's float32 standardisation of the
+    same pixels: the inputs differ by at most d = 2u / min(std) + 2u max|x| per element (see above), so the loss by
+    at most sum |dloss/dx| d to first order (the gradient taken on the host's images); twice that, plus 4u of the
+    loss for the summation order XLA may change when fusing the standardisation, is the bound."""
+    import flax.linen as nn
+    import optax
+
+    from gconv.config import base_config
+    from gconv.optim import create_optimizer
+    from gconv.train import create_train_state, train_step
+
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.relu(nn.Conv(8, (3, 3))(x))
+            return nn.Dense(5)(x.mean((1, 2)))
+
+    info = data.DatasetInfo("photos", (12, 12, 3), 5, 8, 0, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), pixels="uint8")
+    pixels = rng.integers(0, 256, (8, 12, 12, 3), dtype=np.uint8)
+    labels = rng.integers(0, 5, 8).astype(np.int32)
+    host = data._standardize(pixels, info)
+    model, (tx, _) = Tiny(), create_optimizer(base_config().optim, 1, 1)
+    state = create_train_state(model, tx, info.image_shape, int(rng.integers(1000)))
+    step = lambda s, b: train_step(s, b, model=model, tx=tx)  # noqa: E731
+    _, on_device = jax.jit(data.standardized(step, info))(state, {"image": pixels, "label": labels})
+    _, on_host = jax.jit(step)(state, {"image": host, "label": labels})
+
+    def loss(images):
+        logits = model.apply({"params": state.params}, images)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+    d = 2 * U32 / min(info.std) + 2 * U32 * np.abs(host).max()
+    bound = 2 * float(jnp.sum(jnp.abs(jax.grad(loss)(host)))) * d + 4 * U32 * float(on_host["loss"])
+    assert abs(float(on_device["loss"]) - float(on_host["loss"])) <= bound
 
 
 def test_imagenet_style_crops_with_mock_data():
@@ -106,6 +146,95 @@ def test_unknown_dataset_and_oversized_batch():
     source, info = data.get_source(_cfg(), "eval")
     with pytest.raises(ValueError, match="batch_size=1000 is larger than the 360"):
         data.train_batches(source, info, 1000, seed=0)
+
+
+def test_worker_processes_make_the_same_batches_as_threads(rng):
+    """`data.worker_processes`: grain's worker processes (batch i made by process i mod 2) give the batches the
+    threads give, in order, from any step on."""
+    from PIL import Image
+
+    records = []
+    for i in range(24):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+        records.append({"image": buffer.getvalue(), "label": i % 3})
+    info = data.DatasetInfo("photos", (32, 32, 3), 3, 24, 0, (0.5,) * 3, (0.25,) * 3, "random_resized", pixels="uint8")
+    seed, start = int(rng.integers(1000)), int(rng.integers(5))
+    threads = data.train_batches(records, info, 8, seed=seed, start_step=start, num_workers=1)
+    processes = data.train_batches(records, info, 8, seed=seed, start_step=start, num_workers=1, worker_processes=2)
+    try:
+        for _ in range(6):
+            a, b = next(threads), next(processes)
+            assert all(np.array_equal(a[k], b[k]) for k in a)
+    finally:
+        processes.close()
+    with pytest.raises(ValueError, match="data.worker_processes=-1 must be >= 0"):
+        data.train_batches(records, info, 8, seed=0, worker_processes=-1)
+
+
+# --- the random-resized crop ------------------------------------------------------------------------------------
+
+def test_crop_boxes_follow_the_inception_definition(rng):
+    """`crop_box` on a square image against the definition's exact laws. A draw (area fraction s ~ U(0.08, 1), log
+    aspect t ~ U(log 3/4, log 4/3)) fits iff s e^|t| <= 1, and the first that fits is kept, so the kept draws are
+    uniform on the fitting region: s has density prop. to P(fit | s) = min(1, -log(s) / log(4/3)) (|t| <= -log s),
+    t has density prop. to P(fit | t) = (e^-|t| - 0.08) / 0.92. One-sample Kolmogorov-Smirnov tests on 20,000 boxes
+    with alpha = 1e-6 each (critical distance 0.019). The sides are rounded to pixels: 1/2 px of at least 245
+    (the smallest crop, 8 % of 1000^2 at aspect 3/4) moves a log aspect by <= 0.5/245 + 0.5/327 < 0.004 and an
+    area fraction by < 0.004 x 0.08, far below the distance the tests resolve."""
+    from scipy import stats
+
+    side, n = 1000, 20_000
+    boxes = np.array([data.crop_box(side, side, rng) for _ in range(n)])
+    area, aspect = boxes[:, 2] * boxes[:, 3] / side ** 2, np.log(boxes[:, 3] / boxes[:, 2])
+    lo, hi = np.log(3 / 4), np.log(4 / 3)
+    grid_s = np.linspace(0.08, 1.0, 20_001)
+    density_s = np.minimum(1.0, -np.log(grid_s) / hi)
+    grid_t = np.linspace(lo, hi, 20_001)
+    density_t = (np.exp(-np.abs(grid_t)) - 0.08) / 0.92
+    for sample, grid, density in ((area, grid_s, density_s), (aspect, grid_t, density_t)):
+        cdf = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2 * np.diff(grid))])
+        cdf /= cdf[-1]
+        assert stats.kstest(sample, lambda x: np.interp(x, grid, cdf)).pvalue > 1e-6
+    assert 0.08 - 4e-4 <= area.min() < 0.09 and area.max() <= 1.0  # the bounds, less rounding
+    assert lo - 4e-3 <= aspect.min() < lo + 0.01 and hi - 0.01 < aspect.max() <= hi + 4e-3
+    top_room, left_room = side - boxes[:, 0] - boxes[:, 2], side - boxes[:, 1] - boxes[:, 3]
+    assert (boxes[:, :2] >= 0).all() and (top_room >= 0).all() and (left_room >= 0).all()
+
+
+def test_a_file_is_cropped_where_its_box_says_and_flipped_half_the_time(rng):
+    """The file path (a JPEG decoded at 1/2 or 1/4 of its size where the crop allows it, the box resampled in place)
+    against `crop_box`: a 480x640 JPEG whose red rises with x and green with y shows where each 32x32 output came
+    from. Its corner pixels sit half an output pixel inside the box; red and green move 255/639 and 255/479 per
+    source pixel, so they name the box's sides to within 4 levels of JPEG error plus one level of interpolation
+    (8 source pixels at most, asserted). 200 draws: the flips, Binomial(200, 1/2), within 5 sigma (+-35) of 100."""
+    import io
+
+    from PIL import Image
+
+    h, w, size = 480, 640, 32
+    y, x = np.mgrid[0:h, 0:w]
+    pixels = np.stack([x * 255 / (w - 1), y * 255 / (h - 1), np.full((h, w), 128.0)], -1).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    info = data.DatasetInfo("photos", (size, size, 3), 2, 1, 1, (0.5,) * 3, (0.25,) * 3, "random_resized",
+                            pixels="uint8")
+    augment, flips, reduced = data._augmenter(info, train=True, augment=True), 0, 0
+    for _ in range(200):
+        seed = int(rng.integers(2 ** 31))
+        image = augment({"image": buffer.getvalue(), "label": 0}, np.random.default_rng(seed))["image"].astype(float)
+        top, left, ch, cw = data.crop_box(h, w, np.random.default_rng(seed))
+        reduced += min(ch, cw) >= 2 * size
+        flipped = image[size // 2, 0, 0] > image[size // 2, -1, 0]
+        flips += flipped
+        red = image[size // 2, :, 0][::-1] if flipped else image[size // 2, :, 0]
+        seen_x = (red[0] * (w - 1) / 255 - (cw / size - 1) / 2, red[-1] * (w - 1) / 255 + (cw / size - 1) / 2 + 1)
+        seen_y = (image[0, size // 2, 1] * (h - 1) / 255 - (ch / size - 1) / 2,
+                  image[-1, size // 2, 1] * (h - 1) / 255 + (ch / size - 1) / 2 + 1)
+        np.testing.assert_allclose(seen_x, (left, left + cw), atol=8, err_msg=f"box {top, left, ch, cw}")
+        np.testing.assert_allclose(seen_y, (top, top + ch), atol=8, err_msg=f"box {top, left, ch, cw}")
+    assert abs(flips - 100) <= 35, flips
+    assert reduced > 100, reduced  # most crops were decoded at a reduced size
 
 
 # --- any TFDS dataset by name ------------------------------------------------------------------------------------
@@ -175,8 +304,10 @@ def test_an_image_folder_reads_its_classes_images_and_statistics(tmp_path, rng):
     assert info.classes == ("cat", "dog", "eel") and info.num_classes == 3
     assert (info.num_train, info.num_eval, info.crop) == (12, 5, "pad_flip")
     assert [int(source[i]["label"]) for i in range(12)] == [0] * 5 + [1] * 3 + [2] * 4
-    first = np.asarray(Image.open(folder / "train" / "cat" / "0.jpg").convert("RGB"))
-    np.testing.assert_array_equal(source[0]["image"], first)  # decoded as PIL decodes it
+    assert source[0]["image"] == (folder / "train" / "cat" / "0.jpg").read_bytes()  # decoded by the augmentation
+    png = np.asarray(Image.open(folder / "train" / "cat" / "1.png").convert("RGB"))  # (a PNG: no reduced decode)
+    np.testing.assert_array_equal(data._augmenter(info, train=False, augment=False)(source[1], None)["image"],
+                                  data._center_crop(png, 16, 1.0))  # evaluation's view of PIL's decoding
     assert (folder / "gconv_stats").is_dir()  # the measured mean and std, beside the images
     for batch in (next(data.train_batches(source, info, 4, seed=0)),
                   next(data.eval_batches(data.get_source(config, "eval")[0], info, 4))):
@@ -231,6 +362,35 @@ def test_an_image_folder_trains_stops_and_resumes_exactly_through_launch(tmp_pat
     out = launch("eval", str(tmp_path / "straight" / "c2")).stdout
     assert "on the eval split (15 images)" in out and "top-1 error by class: cat " in out, out
     assert all(f"{name} " in out.split("by class")[1] for name in ("dog", "eel")), out
+    assert json.loads((tmp_path / "straight" / "c2" / "classes.json").read_text()) == ["cat", "dog", "eel"]
+    for split in ("train", "val"):  # a class added to the folder: the run's classes no longer hold
+        (folder / split / "ant").mkdir()
+        (folder / split / "cat" / "0.jpg").rename(folder / split / "ant" / "0.jpg")
+    out = launch(*args, "--workdir", str(tmp_path / "straight"), check=False)
+    assert out.returncode != 0 and "the data's classes changed since this run began" in out.stdout + out.stderr, out
+
+
+def test_a_prepared_tfds_dataset_of_encoded_photos_is_decoded_knowing_the_crop(tmp_path):
+    """TFDS stores images as their files' bytes: gconv reads them undecoded (array_record, prepared here without
+    TensorFlow) and decodes each in the augmentation, at the size the crop needs: PNGs exactly as PIL decodes
+    them, every batch of the configured size."""
+    from PIL import Image
+
+    assert "prepared in" in data.prepare(_cfg(name=tiny_tfds.GconvTinyPhotos.name, data_dir=str(tmp_path)))
+    for size, crop in ((24, "pad_flip"), (32, "random_resized")):
+        config = _cfg(name=tiny_tfds.GconvTinyPhotos.name, data_dir=str(tmp_path), image_size=size, crop=crop)
+        source, info = data.get_source(config, "train")
+        assert (info.num_train, info.num_eval, info.classes, info.pixels) == (16, 6, ("dark", "light"), "uint8")
+        records = [source[i] for i in range(len(source))]
+        assert all(isinstance(r["image"], bytes) for r in records)
+        record = next(r for r in records if r["image"].startswith(b"\x89PNG"))  # (every third is a JPEG)
+        decoded = np.asarray(Image.open(io.BytesIO(record["image"])).convert("RGB"))
+        view = data._augmenter(info, train=False, augment=False)(record, None)["image"]
+        np.testing.assert_array_equal(view, data._evaluation_view(info)(decoded))
+        for batch in (next(data.train_batches(source, info, 8, seed=0)),
+                      next(data.eval_batches(data.get_source(config, "eval")[0], info, 4))):
+            assert batch["image"].shape[1:] == (size, size, 3) and batch["image"].dtype == np.uint8
+        assert {int(label) for label in next(data.train_batches(source, info, 16, seed=1))["label"]} == {0, 1}
 
 
 def test_splits_take_tfds_slices(tmp_path):

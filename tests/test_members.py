@@ -106,11 +106,7 @@ def test_every_lowering_stays_correct_over_members(impl, per_member, monkeypatch
     conv = lambda a, b: ops.grouped_conv(a, b, groups, impl=impl, **kw)  # noqa: E731
     reference = lambda a, b: ops.grouped_conv_reference(a, b, groups, **kw)  # noqa: E731
 
-    def over_members(f):
-        def run(a, b):
-            with choice.members(K):
-                return jax.vmap(f)(a, b)
-        return jax.jit(run)
+    over_members = lambda f: jax.jit(jax.vmap(f, axis_name=choice.MEMBERS))  # noqa: E731
 
     loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))  # noqa: E731
     got, grads = over_members(conv)(x, k), over_members(jax.grad(loss(conv), argnums=(0, 1)))(x, k)
@@ -134,8 +130,7 @@ def test_measured_choice_for_members_is_keyed_by_their_count(monkeypatch):
     x, k = jnp.ones((K, 2, 6, 6, 8)), jnp.ones((K, 3, 3, 2, 8))
     for per_member in (True, False):
         monkeypatch.setattr(choice, "member_loop", lambda: per_member)
-        with choice.members(K):
-            jax.eval_shape(jax.vmap(lambda a, b: ops.grouped_conv(a, b, 4)), x, k)
+        jax.eval_shape(jax.vmap(lambda a, b: ops.grouped_conv(a, b, 4), axis_name=choice.MEMBERS), x, k)
     keys = autotune.measurements()
     assert len(keys) == 4 and sum('{"members": 3}' in key for key in keys) == 2, keys
     autotune.clear()

@@ -7,7 +7,6 @@ import functools
 import json
 import math
 import os
-import threading
 from typing import Iterator, Sequence
 
 import jax
@@ -20,7 +19,7 @@ from gconv.ops import lowering_table
 from gconv.ops.lowerings import LOWERINGS, blockdiag, lower, shift, split
 from gconv.ops.manual_axes import like_primals
 
-__all__ = ["AUTOTUNE_MIN_MACS", "candidate_impls", "static_impl", "tuned_impls", "forward_backward", "members",
+__all__ = ["AUTOTUNE_MIN_MACS", "candidate_impls", "static_impl", "tuned_impls", "forward_backward", "MEMBERS",
            "member_count", "member_loop", "per_member"]
 
 # Below this many multiply-adds a conv takes well under a millisecond: timing it is mostly noise, and measuring
@@ -36,23 +35,18 @@ def min_macs() -> int:
     if value and not value.isdigit():
         raise ValueError(f"GCONV_AUTOTUNE_MIN_MACS={value!r} must be a whole number of multiply-adds (e.g. 0).")
     return int(value) if value else AUTOTUNE_MIN_MACS
-_local = threading.local()
-
-
-@contextlib.contextmanager
-def members(count: int) -> Iterator[None]:
-    """While tracing a step `vmap`ped over `count` members (gconv.members): every conv then runs `count` at a time
-    (JAX batches them into one conv of `count` x the groups), so "auto" measures and keys its choice at that size."""
-    previous, _local.members = member_count(), count
-    try:
-        yield
-    finally:
-        _local.members = previous
+MEMBERS = "gconv_members"  # the name of the `vmap` axis over members (gconv.members)
 
 
 def member_count() -> int:
-    """The member count of the step being traced (1 outside `members`)."""
-    return getattr(_local, "members", 1)
+    """How many members a conv being traced computes at once: the size of the enclosing `vmap` named `MEMBERS`
+    (gconv.members' step), 1 outside one. Part of the traced program (its vmap), so of every jit's cache key: under
+    it JAX batches the members' convs into one conv of `count` x the groups, and "auto" measures and keys its choice
+    at that size."""
+    try:
+        return jax.lax.axis_size(MEMBERS)
+    except NameError:
+        return 1
 
 
 _BLOCKDIAG_SMALL = 2**16  # dense kernel entries below which one dense conv beats every other CPU lowering
