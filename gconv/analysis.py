@@ -66,13 +66,17 @@ def filter_correlations(model: nn.Module, variables: Any, batch: jax.Array,
     groups = _groups_of(model, variables, batch, paths)
     results = []
     for layer_a, layer_b in pairs:
-        a, b = _same_size(np.asarray(outs[layer_a], np.float64), np.asarray(outs[layer_b], np.float64))
-        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-        a = (a - a.mean(0)) / (a.std(0) + 1e-12)
-        b = (b - b.mean(0)) / (b.std(0) + 1e-12)
-        corr = np.abs(a.T @ b) / a.shape[0]
+        corr = _abs_correlation(*_same_size(np.asarray(outs[layer_a]), np.asarray(outs[layer_b])))
         results.append((corr, block_diagonality(corr, groups[layer_b]), groups[layer_b]))
     return results
+
+
+def _abs_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`|corr| (C_a, C_b)` between the channels of two `(..., C)` maps of the same positions, over those positions
+    (float64)."""
+    a, b = (np.asarray(v, np.float64).reshape(-1, v.shape[-1]) for v in (a, b))
+    a, b = ((v - v.mean(0)) / (v.std(0) + 1e-12) for v in (a, b))
+    return np.abs(a.T @ b) / a.shape[0]
 
 
 def _upsample_nearest(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -260,12 +264,7 @@ def learned_input_correlations(model: nn.Module, variables: Any, batch: jax.Arra
             model.apply(v, x, train=False)
         return dict(inputs)
 
-    out = {}
-    for path, a in jax.jit(forward)(variables, batch).items():
-        a = np.asarray(a, np.float64).reshape(-1, a.shape[-1])
-        a = (a - a.mean(0)) / (a.std(0) + 1e-12)
-        out[path] = np.abs(a.T @ a) / a.shape[0]
-    return out
+    return {path: _abs_correlation(a, a) for path, a in jax.jit(forward)(variables, batch).items()}
 
 
 def learned_group_score(keep: Any, corr: Any) -> dict[str, float]:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import numpy as np
 
-__all__ = ["DatasetInfo", "get_source", "train_batches", "eval_batches", "standardize", "standardized", "crop_box", "measured_mean_std", "prepare",
+__all__ = ["DatasetInfo", "get_source", "get_sources", "train_batches", "eval_batches", "standardize", "standardized", "crop_box", "measured_mean_std", "prepare",
            "DATASETS",
            "OFFLINE", "CROPS"]
 
@@ -157,28 +157,31 @@ def get_source(data: Any, split: str) -> tuple[Sequence[dict], DatasetInfo]:
     """The random-access source for `split` ("train" or "eval") and its `DatasetInfo`. `data` is `config.data`."""
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r}: expected 'train' or 'eval'.")
+    train, evaluation, info = get_sources(data)
+    return (train if split == "train" else evaluation), info
+
+
+def get_sources(data: Any) -> tuple[Sequence[dict], Sequence[dict], DatasetInfo]:
+    """`(training source, evaluation source, info)` of `data` (`config.data`), each opened once."""
     name = data.name
     if name == "digits":
-        source = _digits(split)
         info = DatasetInfo("digits", (8, 8, 1), 10, 1437, 360, (0.0,), (1.0,))
-    elif name == "digits32":
-        source = _digits32(split)
-        mean = float(_digits32("train").images.mean()) if split == "eval" else float(source.images.mean())
-        info = DatasetInfo("digits32", (32, 32, 3), 10, 1437, 360, (mean,) * 3, (1.0,) * 3)  # mean subtraction
-    elif name == "synthetic":
-        source = _synthetic(split, data.image_size, data.num_classes)
-        info = DatasetInfo("synthetic", (data.image_size,) * 2 + (3,), data.num_classes, len(source), len(source),
+        return _digits("train"), _digits("eval"), info
+    if name == "digits32":
+        train = _digits32("train")
+        info = DatasetInfo("digits32", (32, 32, 3), 10, 1437, 360, (float(train.images.mean()),) * 3, (1.0,) * 3)
+        return train, _digits32("eval"), info  # mean subtraction
+    if name == "synthetic":
+        train = _synthetic("train", data.image_size, data.num_classes)
+        info = DatasetInfo("synthetic", (data.image_size,) * 2 + (3,), data.num_classes, len(train), len(train),
                            (0.0,) * 3, (1.0,) * 3)
-    elif name == "folder":
-        return _folder_dataset(data, split)
-    else:
-        return _tfds_dataset(data, split)
-    return source, info
+        return train, _synthetic("eval", data.image_size, data.num_classes), info
+    return _folder_dataset(data) if name == "folder" else _tfds_dataset(data)
 
 
-def _tfds_dataset(data: Any, split: str) -> tuple[Sequence[dict], DatasetInfo]:
-    """A TFDS dataset's source for `split` and its info: the recipe of the four known ones, the builder's info and
-    the config for any other."""
+def _tfds_dataset(data: Any) -> tuple[Sequence[dict], Sequence[dict], DatasetInfo]:
+    """A TFDS dataset's sources and info: the recipe of the four known ones, the builder's info and the config for
+    any other."""
     name, data_dir = data.name, data.get("data_dir")
     if name in _TFDS:
         tfds_name, train_split, eval_split, classes, size, mean, std = _TFDS[name]
@@ -199,7 +202,7 @@ def _tfds_dataset(data: Any, split: str) -> tuple[Sequence[dict], DatasetInfo]:
                       _stats_name(tfds_name, train_split, size, data.get("crop", "auto")))
     if data.name not in _TFDS:
         info = dataclasses.replace(info, classes=names)
-    return (train if split == "train" else evaluation), info
+    return train, evaluation, info
 
 
 def _described(data: Any, train: Sequence[dict], evaluation: Sequence[dict], classes: int, size: int,
@@ -298,7 +301,7 @@ def folder_classes(path: str, train_split: str = "train") -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir())
 
 
-def _folder_dataset(data: Any, split: str) -> tuple[Sequence[dict], DatasetInfo]:
+def _folder_dataset(data: Any) -> tuple[Sequence[dict], Sequence[dict], DatasetInfo]:
     """`data.name="folder"`: `data.path/{train_split, eval_split}/CLASS/*` (splits default to train and val)."""
     from etils import epath
 
@@ -319,7 +322,7 @@ def _folder_dataset(data: Any, split: str) -> tuple[Sequence[dict], DatasetInfo]
     info = _described(data, train, evaluation, len(classes), data.image_size, (), (),
                       _stats_root(data.path) / _stats_name("folder", train_split, data.image_size,
                                                            data.get("crop", "auto")))
-    return (train if split == "train" else evaluation), dataclasses.replace(info, classes=tuple(classes))
+    return train, evaluation, dataclasses.replace(info, classes=tuple(classes))
 
 
 def measured_mean_std(source: Sequence[dict], info: DatasetInfo, path: Any, sample: int = 2000

@@ -94,11 +94,10 @@ def preflight(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"{family_of(model).name_of(model)} has {groups} group(s), not divisible by "
                              f"mesh.model={model_size}: group parallelism splits whole groups; run the points whose "
                              f"groups divide {model_size} (--point), or use --config.mesh.model=1.")
-    for split in ("train", "eval"):
-        source, info = data_lib.get_source(config.data, split)
-        if split == "train" and config.data.batch_size > len(source):
-            raise ValueError(f"data.batch_size={config.data.batch_size} is larger than the {len(source)} training "
-                             f"examples of {config.data.name!r}: use at most {len(source)}.")
+    source, _, info = data_lib.get_sources(config.data)
+    if config.data.batch_size > len(source):
+        raise ValueError(f"data.batch_size={config.data.batch_size} is larger than the {len(source)} training "
+                         f"examples of {config.data.name!r}: use at most {len(source)}.")
     if mesh.size > 1:  # every sharding rule used, every split dividing
         model = model_from_config(config.model, info.num_classes)
         shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + info.image_shape)))

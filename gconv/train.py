@@ -190,8 +190,7 @@ class _Program:
 
 def _program(runs: list[Run]) -> _Program:
     config, joined = runs[0].config, len(runs) > 1  # everything but JOINABLE keys is the same for every member
-    train_source, info = data_lib.get_source(config.data, "train")
-    eval_source, _ = data_lib.get_source(config.data, "eval")
+    train_source, eval_source, info = data_lib.get_sources(config.data)
     steps_per_epoch = max(1, info.num_train // config.data.batch_size)
     total_steps = config.num_steps if config.num_steps > 0 else int(config.num_epochs * steps_per_epoch)
     mesh = parallel.make_mesh(config.mesh)
