@@ -84,12 +84,13 @@ def _load_before(rev: str):
     """`gconv/data.py` as it was at `rev`, as a module of its own."""
     text = subprocess.run(["git", "show", f"{rev}:gconv/data.py"], cwd=ROOT, check=True, capture_output=True,
                           text=True).stdout
-    path = os.path.join(tempfile.mkdtemp(prefix="gconv-bench-input-"), "data_before.py")
-    with open(path, "w") as f:
-        f.write(text)
-    spec = importlib.util.spec_from_file_location("data_before", path)
-    module = sys.modules["data_before"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory(prefix="gconv-bench-input-") as tmp:
+        path = os.path.join(tmp, "data_before.py")
+        with open(path, "w") as f:
+            f.write(text)
+        spec = importlib.util.spec_from_file_location("data_before", path)
+        module = sys.modules["data_before"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module
 
 
@@ -159,8 +160,8 @@ def main() -> None:
     names = list(variants)
     for workers in args.workers:
         if (names[0], workers, 0) in per_cpu:
-            ratios = ", ".join(f"{name.split(':')[0]} {per_cpu[(name, workers, 0)] / per_cpu[(names[0], workers, 0)]:.2f}x"
-                               for name in names[1:])
+            base = per_cpu[(names[0], workers, 0)]
+            ratios = ", ".join(f"{name.split(':')[0]} {per_cpu[(name, workers, 0)] / base:.2f}x" for name in names[1:])
             print(f"\nimages per CPU second, {workers} thread(s), against before: {ratios}")
 
 

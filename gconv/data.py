@@ -27,9 +27,8 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import numpy as np
 
-__all__ = ["DatasetInfo", "get_source", "get_sources", "train_batches", "eval_batches", "standardize", "standardized", "crop_box", "measured_mean_std", "prepare",
-           "DATASETS",
-           "OFFLINE", "CROPS"]
+__all__ = ["DatasetInfo", "get_source", "get_sources", "train_batches", "eval_batches", "standardize", "standardized",
+           "crop_box", "measured_mean_std", "prepare", "DATASETS", "OFFLINE", "CROPS"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,8 @@ from gconv.progress import Progress
 from gconv.summary import run_summary
 
 __all__ = ["Run", "Tick", "restore_group", "evaluate", "every", "Guard", "Log", "Evaluate", "Checkpoint", "run_actions",
-           "check_classes", "write_run_files", "open_runs", "kept_summaries", "host_batches", "training_input", "close", "summaries"]
+           "check_classes", "write_run_files", "open_runs", "kept_summaries", "host_batches", "training_input", "close",
+           "summaries"]
 
 
 @dataclasses.dataclass
