@@ -354,7 +354,7 @@ def measured_mean_std(source: Sequence[dict], info: DatasetInfo, path: Any, samp
 def standardize(info: DatasetInfo) -> Callable[[dict], dict]:
     """What a batch goes through inside the jitted step, before the model: `uint8` pixels (`info.pixels`: images
     decoded from files, a quarter of float32's bytes on the way to the devices) standardised as `_standardize` does
-    on the host, elementwise (XLA fuses it into the first layer's input); float batches pass as they are."""
+    on the host, elementwise, compiled into the step's program; float batches pass as they are."""
     if info.pixels != "uint8":
         return lambda batch: batch
     import jax.numpy as jnp
