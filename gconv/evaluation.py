@@ -2,6 +2,7 @@
 weights file, on a dataset split, giving top-1/top-5 error and loss (`python launch.py eval ...`)."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -28,14 +29,7 @@ def evaluate_variables(model: Any, variables: dict, data: ml_collections.ConfigD
                        batch_stats=variables.get("batch_stats", {}), opt_state=None, rng=None,
                        model_state=model_state(variables))
 
-    def step(state: TrainState, batch: dict) -> dict:
-        sums = eval_step(state, batch, model=model)
-        # the same forward pass as eval_step's: XLA merges the two (one set of convolutions in the compiled step)
-        hit = jnp.argmax(model.apply(state.variables(), batch["image"], train=False), -1) == batch["label"]
-        mask = batch["mask"].astype(jnp.float32)
-        per_class = jax.ops.segment_sum(jnp.stack([hit * mask, mask], -1), batch["label"], info.num_classes)
-        return {**sums, "per_class": per_class}  # (classes, [correct, count])
-
+    step = functools.partial(eval_step, model=model)
     totals, jitted = None, jax.jit(data_lib.standardized(step, info))
     for batch in data_lib.eval_batches(source, info, data.eval_batch_size, data.num_workers):
         out = jitted(state, batch)

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from gconv import checkpoints, metrics_log, parallel, runlock, storage, watchdog
 from gconv import data as data_lib
 from gconv.progress import Progress
-from gconv.summary import run_summary
+from gconv.summary import BY_CLASS, run_summary
 
 __all__ = ["Run", "Tick", "restore_group", "evaluate", "every", "Guard", "Log", "Evaluate", "Checkpoint", "run_actions",
            "check_classes", "write_run_files", "open_runs", "kept_summaries", "host_batches", "training_input", "close",
@@ -145,15 +145,19 @@ def evaluate(step_fn: Callable, state: Any, batches: Iterable[dict], members: in
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     if members:
-        return [error_scores({k: float(v[i]) for k, v in totals.items()}) for i in range(members)]
-    return error_scores({k: float(v) for k, v in totals.items()})
+        return [error_scores(jax.tree.map(lambda v: v[i], totals)) for i in range(members)]
+    return error_scores(totals)
 
 
-def error_scores(totals: dict[str, float]) -> dict[str, float]:
-    """Top-1 and top-5 error (%) and mean loss from an evaluation's sums (`eval_step`'s)."""
-    return {"eval_top1_error": 100.0 * (1.0 - totals["correct"] / totals["count"]),
-            "eval_top5_error": 100.0 * (1.0 - totals["correct5"] / totals["count"]),
-            "eval_loss": totals["loss"] / totals["count"]}
+def error_scores(totals: dict[str, Any]) -> dict[str, Any]:
+    """Top-1 and top-5 error (%) and mean loss from an evaluation's sums (`eval_step`'s), and the top-1 error of
+    each class (`BY_CLASS`) where the sums hold `per_class`."""
+    scores = {"eval_top1_error": 100.0 * (1.0 - float(totals["correct"]) / float(totals["count"])),
+              "eval_top5_error": 100.0 * (1.0 - float(totals["correct5"]) / float(totals["count"])),
+              "eval_loss": float(totals["loss"]) / float(totals["count"])}
+    if "per_class" in totals:
+        scores[BY_CLASS] = [round(100.0 * (1 - float(c) / float(n)), 4) if n else None for c, n in totals["per_class"]]
+    return scores
 
 
 # --- the periodic actions ---------------------------------------------------------------------------------------
@@ -234,8 +238,9 @@ class Evaluate:
         scores = self.scores(tick.state)
         tick.scores = scores if isinstance(scores, list) else [scores]
         live = [(run, score) for run, score in zip(self.runs, tick.scores) if run.failure is None]
-        for run, score in live:
-            run.log.write({"step": tick.done, **score})
+        for run, score in live:  # the error by class: in the final evaluation's record only
+            run.log.write({"step": tick.done, **{k: v for k, v in score.items()
+                                                 if k != BY_CLASS or tick.done == self.total_steps}})
         self.progress.note(f"step {tick.done}/{self.total_steps}: top-1 error " + ", ".join(
             f"{score['eval_top1_error']:.2f}%" for _, score in live))
 

@@ -13,7 +13,7 @@ from etils import epath
 from gconv import checkpoints, metrics_log, plots, stats, storage, tensorboard
 
 __all__ = ["load_summaries", "report_table", "point_table", "results", "analyze_run", "design_space_section",
-           "write_report"]
+           "by_class_section", "write_report"]
 
 FIRST_COLUMNS = [("point", "name", "{}"), ("model", "model", "{}")]  # (header, summary key, format)
 ANALYSIS_COLUMNS = [  # from each run's analysis (gconv.analysis)
@@ -284,6 +284,32 @@ def design_space_section(rows: list[dict[str, Any]], edf_path: Any, scatter_path
     return text
 
 
+def by_class_section(summaries: list[dict[str, Any]], classes: int = 20, points: int = 12) -> list[str]:
+    """The final evaluation's top-1 error (%) by class, a column per sweep point (mean over its seeds): every class
+    up to `classes` of them, else the `classes` of highest mean error; the first `points` points."""
+    by_point = {point: [r["final_top1_error_by_class"] for r in runs if r.get("final_top1_error_by_class")]
+                for point, runs in stats.group_by_point(summaries).items()}
+    by_point = {point: errors for point, errors in by_point.items() if errors}
+    if not by_point:
+        return []
+    names = list(dict.fromkeys(name for errors in by_point.values() for e in errors for name in e))
+    cell = {(point, name): np.mean([e[name] for e in errors if name in e]) if any(name in e for e in errors)
+            else math.nan for point, errors in by_point.items() for name in names}
+    overall = {name: np.nanmean([cell[(p, name)] for p in by_point]) for name in names}
+    shown = names if len(names) <= classes else sorted(names, key=lambda n: -overall[n])[:classes]
+    columns = list(by_point)[:points]
+    some = f"; the {classes} of {len(names)} classes with the highest mean error" if len(names) > classes else ""
+    first = f"; the first {points} of {len(by_point)} points" if len(by_point) > points else ""
+    text = ["## Top-1 error by class", "",
+            f"The final evaluation's top-1 error (%) of each class (named as the data names them), mean over seeds"
+            f"{some}{first}.", "",
+            "| class | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name in shown:
+        text.append(f"| {name} | " + " | ".join("" if math.isnan(cell[(p, name)]) else f"{cell[(p, name)]:.1f}"
+                                               for p in columns) + " |")
+    return text
+
+
 def write_report(workdir: Any, analyze: bool = True) -> epath.Path:
     """Writes `report.md` with a table per sweep point (mean ± std over seeds, with a test against the first point
     and its verdict in words), `error_vs_<sweep axis>.png`, `error_vs_mmacs.png` and `learning_curves.png`; with
@@ -316,6 +342,8 @@ def write_report(workdir: Any, analyze: bool = True) -> epath.Path:
         f"![{name}]({name})" for name in pictures]
     if seeded:
         text += ["", "## Runs", "", report_table(summaries)]
+    by_class = by_class_section(summaries)
+    text += ([""] + by_class) if by_class else []
     if analyze:
         first = {point: runs[0]["name"] for point, runs in by_point.items()}
         side_by_side = {point: _first_correlation(workdir / name) for point, name in first.items()}

@@ -10,7 +10,9 @@ from gconv.checkpoints import best_step
 from gconv.complexity import count_params, counts
 from gconv.models import family_of
 
-__all__ = ["run_summary"]
+__all__ = ["run_summary", "BY_CLASS"]
+
+BY_CLASS = "eval_top1_error_by_class"  # in the final evaluation's record: per class index, None without images
 
 
 def run_summary(run_dir: Any, model: Any, config: Any, image_shape: tuple[int, ...], params: Any,
@@ -33,4 +35,16 @@ def run_summary(run_dir: Any, model: Any, config: Any, image_shape: tuple[int, .
         "wall_time": max((r.get("wall_time") or 0.0 for r in history), default=0.0),
         "paper_top1_error": config.get("paper_top1_error"), "paper_top5_error": config.get("paper_top5_error"),
         "final_top5_error": [r["eval_top5_error"] for r in history if "eval_top5_error" in r][-1] if evals else None,
+        "final_top1_error_by_class": _by_class(run_dir, history),
     }
+
+
+def _by_class(run_dir: Any, history: list[dict]) -> dict[str, float] | None:
+    """`{class name: top-1 error %}` of the final evaluation (names from the run's `classes.json`, else indices);
+    classes without evaluation images left out."""
+    final = [r[BY_CLASS] for r in history if BY_CLASS in r]
+    if not final:
+        return None
+    path = run_dir / "classes.json"
+    names = storage.read_json(path) if storage.exists(path) else [str(i) for i in range(len(final[-1]))]
+    return {name: error for name, error in zip(names, final[-1]) if error is not None}

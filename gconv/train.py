@@ -125,13 +125,14 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict:
     """Sums over the real (mask=True) examples of the global `batch`: `correct` (top-1), `correct5` (top-5),
-    `loss`, `count`."""
+    `loss`, `count`, and `per_class: (classes, 2)`, each class's [correct, count]."""
     logits = model.apply(state.variables(), batch["image"], train=False)
-    mask = batch["mask"].astype(jnp.float32)
-    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    return {"correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
-            "correct5": jnp.sum(jnp.any(top5 == batch["label"][:, None], axis=-1) * mask),
-            "loss": jnp.sum(_cross_entropy(logits, batch["label"], 0.0) * mask), "count": jnp.sum(mask)}
+    classes, mask = logits.shape[-1], batch["mask"].astype(jnp.float32)
+    hit = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    top5, of_class = jax.lax.top_k(logits, min(5, classes))[1], jax.nn.one_hot(batch["label"], classes)
+    return {"correct": jnp.sum(hit * mask), "correct5": jnp.sum(jnp.any(top5 == batch["label"][:, None], -1) * mask),
+            "loss": jnp.sum(_cross_entropy(logits, batch["label"], 0.0) * mask), "count": jnp.sum(mask),
+            "per_class": jnp.stack([(hit * mask) @ of_class, mask @ of_class], -1)}
 
 
 # --- the loop ---------------------------------------------------------------------------------------------------

@@ -370,6 +370,11 @@ def test_an_image_folder_trains_stops_and_resumes_exactly_through_launch(tmp_pat
     assert "on the eval split (15 images)" in out and "top-1 error by class: cat " in out, out
     assert all(f"{name} " in out.split("by class")[1] for name in ("dog", "eel")), out
     assert json.loads((tmp_path / "straight" / "c2" / "classes.json").read_text()) == ["cat", "dog", "eel"]
+    summary = json.loads((tmp_path / "straight" / "c2" / "summary.json").read_text())
+    assert list(summary["final_top1_error_by_class"]) == ["cat", "dog", "eel"]
+    assert sum("eval_top1_error_by_class" in r for r in read_metrics(tmp_path / "straight" / "c2" / "metrics.jsonl")
+               ) == 1  # of the two evaluations, the final one's record only
+    assert "| cat |" in (tmp_path / "straight" / "report.md").read_text()  # the report names them
     for split in ("train", "val"):  # a class added to the folder: the run's classes no longer hold
         (folder / split / "ant").mkdir()
         (folder / split / "cat" / "0.jpg").rename(folder / split / "ant" / "0.jpg")

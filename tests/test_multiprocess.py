@@ -28,7 +28,10 @@ def _assert_close(one, two):
     assert strip_timing(one) and [sorted(r) for r in strip_timing(one)] == [sorted(r) for r in strip_timing(two)]
     for a, b in zip(strip_timing(one), strip_timing(two)):
         for key in a:
-            if "top1_error" in key:  # a borderline image may flip: at most one of digits' 360 eval images
+            if key == "eval_top1_error_by_class":  # that flip moves one class's error, of its >= 35 images
+                moved = [(x, y) for x, y in zip(a[key], b[key]) if x != y]
+                assert len(moved) <= 1 and all(abs(x - y) <= 100 / 35 + 1e-9 for x, y in moved), (a, b)
+            elif "top1_error" in key:  # a borderline image may flip: at most one of digits' 360 eval images
                 assert abs(b[key] - a[key]) <= 100 / 360 + 1e-9, (a, b)
             else:
                 np.testing.assert_allclose(b[key], a[key], rtol=_rtol(a["step"]), err_msg=f"step {a['step']} {key}")

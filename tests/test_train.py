@@ -112,6 +112,17 @@ def test_one_step_cli_run_writes_logs_config_and_report(cli, capsys, tmp_path, d
     assert summary["model"] == "resnext11_2x10d" and summary["steps"] == 1 and summary["family"] == "resnext"
     assert "| c2 | resnext11_2x10d | 2 | 10 |" in out  # the report table is printed
     assert (tmp_path / "report.md").exists()
+    # the final evaluation's error by class: its image-weighted mean is the top-1 error (each rounded to 1e-4)
+    from gconv import data
+
+    by_class = summary["final_top1_error_by_class"]
+    labels = data.get_source(base_config().data, "eval")[0].labels
+    counts = np.bincount(labels, minlength=10)
+    assert list(by_class) == [str(c) for c in range(10)]  # digits name no classes: by index
+    weighted = sum(counts[int(c)] * e for c, e in by_class.items()) / counts.sum()
+    assert abs(weighted - summary["final_top1_error"]) < 1e-3
+    assert "## Top-1 error by class" in (tmp_path / "report.md").read_text()
+    assert sum("eval_top1_error_by_class" in r for r in records) == 1  # in the final evaluation's record only
 
 
 @pytest.mark.slow
