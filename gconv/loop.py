@@ -64,7 +64,8 @@ def check_classes(runs: list[Run], info: data_lib.DatasetInfo) -> None:
 
 
 def write_run_files(runs: list[Run], info: data_lib.DatasetInfo) -> None:
-    """Each run's `config.json`, and `classes.json` (the class names, for `eval`) where the data names them."""
+    """Each run's `config.json`, and `classes.json` (the class names, for `eval` and the report's summary) where the
+    data names them."""
     for run in runs:
         storage.write_json(run.run_dir / "config.json", run.config_json)
         if info.classes:

@@ -35,6 +35,8 @@ def min_macs() -> int:
     if value and not value.isdigit():
         raise ValueError(f"GCONV_AUTOTUNE_MIN_MACS={value!r} must be a whole number of multiply-adds (e.g. 0).")
     return int(value) if value else AUTOTUNE_MIN_MACS
+
+
 MEMBERS = "gconv_members"  # the name of the `vmap` axis over members (gconv.members)
 
 
