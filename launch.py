@@ -186,9 +186,12 @@ def prepare(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     for _, point_config in expand_sweep(config, sweep, overrides, args.point):
         d = point_config.data
         datas.setdefault((d.name, d.get("data_dir"), d.get("path")), d)
-    if not join(args):
+    def prepare_all():
         for d in datas.values():
             print(data.prepare(d), flush=True)
+
+    if not join(args):
+        prepare_all()
         return 0
     import jax
 
@@ -197,8 +200,7 @@ def prepare(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     client, key, day_ms = coordination.client(), "gconv/prepare", 24 * 3600 * 1000
     if jax.process_index() == 0:
         try:
-            for d in datas.values():
-                print(data.prepare(d), flush=True)
+            prepare_all()
         except Exception as e:
             client.key_value_set(key, f"{type(e).__name__}: {e}")
             client.wait_at_barrier("gconv_prepared", day_ms)  # the others read it before the coordinator leaves

@@ -209,11 +209,12 @@ def _described(data: Any, train: Sequence[dict], evaluation: Sequence[dict], cla
     """The info of an image dataset read at `size`: the crop its size implies, and the mean and std the config
     gives, else `mean`/`std` (a known recipe's), else measured on `train` and cached at `stats_path`."""
     crop = _crop_policy(data.get("crop", "auto"), size)
-    info = DatasetInfo(data.name, (size, size, 3), classes, len(train), len(evaluation),
-                       tuple(data.get("mean") or mean), tuple(data.get("std") or std), crop, pixels="uint8")
-    if not info.mean or not info.std:
-        mean, std = measured_mean_std(train, info, stats_path)
-        info = dataclasses.replace(info, mean=tuple(data.get("mean") or mean), std=tuple(data.get("std") or std))
+    mean, std = tuple(data.get("mean") or mean), tuple(data.get("std") or std)
+    info = DatasetInfo(data.name, (size, size, 3), classes, len(train), len(evaluation), mean, std, crop,
+                       pixels="uint8")
+    if not mean or not std:
+        measured = measured_mean_std(train, info, stats_path)
+        info = dataclasses.replace(info, mean=mean or measured[0], std=std or measured[1])
     if len(info.mean) != 3 or len(info.std) != 3 or min(info.std) <= 0:
         raise ValueError(f"data.mean={info.mean} and data.std={info.std}: give 3 values each (RGB, on pixels "
                          f"scaled to [0, 1]), every std > 0; or leave them empty to measure them.")
@@ -357,10 +358,7 @@ def standardize(info: DatasetInfo) -> Callable[[dict], dict]:
     on the host, elementwise, compiled into the step's program; float batches pass as they are."""
     if info.pixels != "uint8":
         return lambda batch: batch
-    import jax.numpy as jnp
-
-    mean, std = np.asarray(info.mean, np.float32), np.asarray(info.std, np.float32)
-    return lambda batch: {**batch, "image": (batch["image"].astype(jnp.float32) / 255.0 - mean) / std}
+    return lambda batch: {**batch, "image": _standardize(batch["image"], info)}  # traced: the same operations
 
 
 def standardized(step: Callable, info: DatasetInfo) -> Callable:
@@ -371,7 +369,9 @@ def standardized(step: Callable, info: DatasetInfo) -> Callable:
     return functools.wraps(step)(lambda state, batch, *args, **kwargs: step(state, prepare(batch), *args, **kwargs))
 
 
-def _standardize(image: np.ndarray, info: DatasetInfo) -> np.ndarray:
+def _standardize(image: Any, info: DatasetInfo) -> Any:
+    """`(image / 255 - mean) / std` in float32 (`/ 1` for float images): numpy arrays on the host, traced arrays in
+    a jitted step (`standardize`)."""
     scale = 255.0 if image.dtype == np.uint8 else 1.0
     image = image.astype(np.float32) / scale
     return (image - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
@@ -524,6 +524,8 @@ def train_batches(source: Sequence[dict], info: DatasetInfo, batch_size: int, *,
     """
     if batch_size > len(source):
         raise ValueError(f"batch_size={batch_size} is larger than the {len(source)} training examples.")
+    if worker_processes < 0:
+        raise ValueError(f"data.worker_processes={worker_processes} must be >= 0 (0: threads only).")
     if batch_size % shard_count:
         raise ValueError(f"batch_size={batch_size} is not divisible by the {shard_count} input shards (processes): "
                          f"use a multiple of {shard_count}.")
@@ -534,8 +536,6 @@ def train_batches(source: Sequence[dict], info: DatasetInfo, batch_size: int, *,
     ds = ds[start_step * shard_count + shard_index::shard_count]
     options = grain.ReadOptions(num_threads=num_threads(num_workers), prefetch_buffer_size=prefetch)
     ds = ds.to_iter_dataset(options)
-    if worker_processes < 0:
-        raise ValueError(f"data.worker_processes={worker_processes} must be >= 0 (0: threads only).")
     if worker_processes:
         from absl import flags
 
