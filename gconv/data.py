@@ -509,6 +509,14 @@ def num_threads(num_workers: int) -> int:
     return num_workers
 
 
+def process_count(worker_processes: int) -> int:
+    """`data.worker_processes`: grain worker processes, 0 for none (threads in this process only)."""
+    if not isinstance(worker_processes, int) or isinstance(worker_processes, bool) or worker_processes < 0:
+        raise ValueError(f"data.worker_processes={worker_processes!r} must be >= 0, a whole number (0: threads only; "
+                         f"e.g. --config.data.worker_processes=4 on a host with many cores).")
+    return worker_processes
+
+
 def train_batches(source: Sequence[dict], info: DatasetInfo, batch_size: int, *, seed: int, start_step: int = 0,
                   augment: bool = True, num_workers: int = 2, prefetch: int = 4, shard_index: int = 0,
                   shard_count: int = 1, worker_processes: int = 0) -> Iterator[dict]:
@@ -524,8 +532,7 @@ def train_batches(source: Sequence[dict], info: DatasetInfo, batch_size: int, *,
     """
     if batch_size > len(source):
         raise ValueError(f"batch_size={batch_size} is larger than the {len(source)} training examples.")
-    if worker_processes < 0:
-        raise ValueError(f"data.worker_processes={worker_processes} must be >= 0 (0: threads only).")
+    worker_processes = process_count(worker_processes)
     if batch_size % shard_count:
         raise ValueError(f"batch_size={batch_size} is not divisible by the {shard_count} input shards (processes): "
                          f"use a multiple of {shard_count}.")

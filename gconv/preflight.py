@@ -56,6 +56,7 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"precise_bn_images={precise!r} must be a whole number of training images >= 0 (0: off; "
                          f"e.g. --config.precise_bn_images=1024).")
     data_lib.num_threads(config.data.num_workers)
+    data_lib.process_count(config.data.get("worker_processes", 0))
     if config.get("profile_steps"):
         parse_steps(config.profile_steps)
 

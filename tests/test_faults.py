@@ -28,6 +28,7 @@ from conftest import RESUME, TINY, TRAINED_TINY, has_content, launch, start, str
     ("--config.data.name=no_such_dataset", "data.name"),
     ("--config.data.name=cifar10", "data_dir"),  # not prepared: says how to prepare it
     ("--config.storage_timeout_s=0", "storage_timeout_s"),
+    ("--config.data.worker_processes=-1", "data.worker_processes"),
 ])
 def test_bad_values_stop_in_one_line_before_the_run_directory_is_touched(cli, tmp_path, capsys, override, key):
     code = cli(*TINY, "--workdir", str(tmp_path / "w"), override, f"--config.data.data_dir={tmp_path / 'tfds'}")
