@@ -104,8 +104,10 @@ def load_torch_weights(model_name: str, source: str | Path | Mapping[str, Any], 
                          f"torchvision/timm/imgclsmob layout? Its first keys: {sorted(state)[:8]}.")
     ckpt_classes = state[head_key].shape[0]
     model = create_model(model_name, num_classes=num_classes or ckpt_classes, **model_overrides)
-    fresh = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 64, 64, 3)))
     replace_head = num_classes is not None and num_classes != ckpt_classes
+    init = lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 64, 64, 3)))  # noqa: E731
+    # the model's tree; values only where a new head keeps them (every other leaf comes from the checkpoint)
+    fresh = jax.jit(init)() if replace_head else jax.eval_shape(init)
 
     used, missing, bad_shape, out = set(), [], [], {}
     for collection in fresh:  # params, batch_stats and a condensed CondenseNet's gathers
