@@ -22,7 +22,7 @@ import functools
 import io
 import math
 import os
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import grain
 import numpy as np
@@ -377,14 +377,33 @@ def _standardize(image: Any, info: DatasetInfo) -> Any:
     return (image - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
 
 
+class _Jpeg(NamedTuple):
+    """A JPEG's bytes and its size (from the header), not yet decoded."""
+    data: bytes
+    height: int
+    width: int
+
+
 def _opened(record: dict, info: DatasetInfo) -> Any:
-    """A record's image: encoded bytes (a folder's file, a TFDS image read undecoded) opened as a PIL image whose
-    header is read and pixels not yet decoded (so the crop is known before decoding), or decoded pixels
-    `(H, W, C)` as they are (grey repeated to 3 channels where the dataset is colour)."""
+    """A record's image: encoded bytes (a folder's file, a TFDS image read undecoded) with their size read from the
+    header and pixels not yet decoded, so the crop is known before decoding (a JPEG as `_Jpeg`, other files as a
+    lazily loaded PIL image), or decoded pixels `(H, W, C)` as they are (grey repeated to 3 channels where the
+    dataset is colour)."""
     value = record["image"]
     if isinstance(value, (bytes, np.bytes_)):
         from PIL import Image, UnidentifiedImageError
 
+        value = bytes(value)
+        if value[:2] == b"\xff\xd8":
+            import simplejpeg
+
+            try:
+                h, w, colorspace, _ = simplejpeg.decode_jpeg_header(value)
+            except ValueError as e:
+                raise ValueError(f"{record.get('file', 'a record')}: a broken JPEG ({e}); remove it, or convert it."
+                                 ) from None
+            if colorspace not in ("CMYK", "YCCK"):  # those PIL converts to RGB (libjpeg-turbo cannot)
+                return _Jpeg(value, h, w)
         try:
             return Image.open(io.BytesIO(value))
         except UnidentifiedImageError:
@@ -397,17 +416,55 @@ def _size(image: Any) -> tuple[int, int]:
     return image.shape[:2] if isinstance(image, np.ndarray) else (image.height, image.width)
 
 
-def _decoded(image: Any, at_least: tuple[int, int] | None = None) -> tuple[Any, float, float]:
-    """`(RGB image, sy, sx)`: an opened file decoded, a JPEG at 1/2, 1/4 or 1/8 of its size when it stays at least
-    `at_least = (h, w)` (PIL's `draft`: the DCT scaled in the decoder), `(sy, sx)` the scale it was decoded at;
-    pixels pass as they are."""
+def _decoded(image: Any, at_least: tuple[float, float] | None = None, bottom: int | None = None
+             ) -> tuple[np.ndarray, float, float]:
+    """`(RGB pixels (H, W, 3) uint8, sy, sx)`: an opened file decoded, a JPEG at 1/2, 1/4 or 1/8 of its size when
+    it stays at least `at_least = (h, w)` (the DCT scaled in the decoder, libjpeg-turbo through simplejpeg: the
+    pixels PIL's `draft` decodes) and, where only the rows above `bottom` are needed, down to just below it
+    (`_rows_only`: fewer rows come back); `(sy, sx)` the scale it was decoded at. Pixels pass as they are."""
     if isinstance(image, np.ndarray):
         return image, 1.0, 1.0
     h, w = _size(image)
-    if at_least is not None:
-        image.draft("RGB", (max(1, math.ceil(at_least[1])), max(1, math.ceil(at_least[0]))))
-    sy, sx = image.height / h, image.width / w
-    return (image if image.mode == "RGB" else image.convert("RGB")), sy, sx
+    if not isinstance(image, _Jpeg):
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB")), 1.0, 1.0
+    import simplejpeg
+
+    need_h, need_w = (max(1, math.ceil(n)) for n in at_least or (h, w))
+    k = next((k for k in (8, 4, 2) if h // need_h >= k and w // need_w >= k), 1)
+    jpeg = image.data if bottom is None else _rows_only(image.data, bottom)
+    pixels = simplejpeg.decode_jpeg(jpeg, "RGB", min_height=-(-simplejpeg.decode_jpeg_header(jpeg)[0] // k), min_width=-(-w // k),
+                                    strict=False)  # warnings (extraneous bytes, ...) pass, as in PIL
+    return pixels, -(-h // k) / h, -(-w // k) / w  # libjpeg's scaled size: ceil(side / k)
+
+
+def _segments(jpeg: bytes) -> Iterator[tuple[int, int]]:
+    """`(marker, offset)` of a JPEG's marker segments up to its first scan (SOS) included."""
+    i = 2
+    while i + 4 <= len(jpeg) and jpeg[i] == 0xFF:
+        marker = jpeg[i + 1]
+        if marker == 0xFF:  # a fill byte
+            i += 1
+            continue
+        yield marker, i
+        if marker == 0xDA:
+            return
+        i += 2 + int.from_bytes(jpeg[i + 2:i + 4], "big")
+
+
+def _rows_only(jpeg: bytes, rows: int) -> bytes:
+    """The same JPEG declaring only its first `rows` rows, rounded up to whole MCU rows plus one (the context of
+    the chroma upsampling), so that the decoder stops there: a single-scan sequential Huffman JPEG without restart
+    markers (most photographs) decodes those rows to the pixels the whole file decodes to, and the entropy-coded
+    data below is skipped (libjpeg warns of extraneous bytes). Any other file is returned as it is."""
+    segments = dict(_segments(jpeg))  # marker -> offset (the first of each)
+    sof, sos = segments.get(0xC0, segments.get(0xC1)), segments.get(0xDA)
+    frames = [m for m in segments if 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC)]
+    if sof is None or sos is None or len(frames) != 1 or 0xDD in segments or jpeg[sos + 4] != jpeg[sof + 9]:
+        return jpeg  # progressive, lossless or arithmetic-coded, restart intervals, or a scan of some components
+    mcu = 8 * max(jpeg[sof + 11 + 3 * c] & 0x0F for c in range(jpeg[sof + 9]))  # 8 x the largest vertical sampling
+    rows = (-(-rows // mcu) + 1) * mcu
+    height = int.from_bytes(jpeg[sof + 5:sof + 7], "big")
+    return jpeg if rows >= height else jpeg[:sof + 5] + rows.to_bytes(2, "big") + jpeg[sof + 7:]
 
 
 def _pad_crop_flip(image: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
@@ -441,19 +498,20 @@ def crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=
 
 def _random_resized_crop(image: Any, rng: np.random.Generator, size: int) -> np.ndarray:
     """`crop_box`'s crop resized to `size` (bilinear), flipped with probability 1/2. A file is decoded knowing the
-    crop: a JPEG at the smallest of 1, 1/2, 1/4, 1/8 of its size that keeps the crop at least `size`, and only the
-    crop's box resampled (no copy of the crop)."""
+    crop: a JPEG at the smallest of 1, 1/2, 1/4, 1/8 of its size that keeps the crop at least `size` (the crop's
+    box then resampled in place, at the scale it was decoded at)."""
     from PIL import Image
 
     h, w = _size(image)
     top, left, ch, cw = crop_box(h, w, rng)
-    if isinstance(image, np.ndarray):
-        image = _resize(image[top:top + ch, left:left + cw], (size, size))
-    else:
-        image, sy, sx = _decoded(image, (h * size / ch, w * size / cw))
-        box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
-        image = np.asarray(image.resize((size, size), Image.BILINEAR, box=box))
-    return image[:, ::-1] if rng.random() < 0.5 else image
+    pixels, sy, sx = _decoded(image, (h * size / ch, w * size / cw), top + ch + ch // size + 2)  # + the filter's reach
+    box = None if sy == sx == 1.0 else (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+    if box is None:  # decoded whole: the crop's pixels resized
+        pixels = pixels[top:top + ch, left:left + cw]
+    image = Image.fromarray(np.ascontiguousarray(pixels, np.uint8)).resize((size, size), Image.BILINEAR, box=box)
+    if rng.random() < 0.5:  # flipped by PIL (a copy whose rows are contiguous: batching copies them fast)
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(image)
 
 
 def _center_crop(image: Any, size: int, resize_ratio: float = 256 / 224) -> np.ndarray:
@@ -462,7 +520,7 @@ def _center_crop(image: Any, size: int, resize_ratio: float = 256 / 224) -> np.n
     h, w = _size(image)
     short = int(round(size * resize_ratio))
     nh, nw = (short, int(round(w * short / h))) if h <= w else (int(round(h * short / w)), short)
-    image = _resize(np.asarray(_decoded(image, (nh, nw))[0]), (nh, nw))
+    image = _resize(_decoded(image, (nh, nw))[0], (nh, nw))
     top, left = (nh - size) // 2, (nw - size) // 2
     return image[top:top + size, left:left + size]
 
@@ -479,7 +537,7 @@ def _evaluation_view(info: DatasetInfo) -> Callable[[Any], np.ndarray]:
     size = info.image_shape[0]
     if info.crop == "random_resized":
         return lambda image: _center_crop(image, size)
-    return lambda image: (np.asarray(_decoded(image)[0]) if _size(image) == (size, size)
+    return lambda image: (_decoded(image)[0] if _size(image) == (size, size)
                           else _center_crop(image, size, 1.0))
 
 

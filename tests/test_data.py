@@ -2,6 +2,7 @@
 TFDS dataset by name (its info, image sizes, split slices, a measured mean and std)."""
 import io
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -242,6 +243,59 @@ def test_a_file_is_cropped_where_its_box_says_and_flipped_half_the_time(rng):
         np.testing.assert_allclose(seen_y, (top, top + ch), atol=bound_y, err_msg=f"box {top, left, ch, cw}")
     assert abs(flips - 100) <= 35, flips
     assert reduced > 100, reduced  # most crops were decoded at a reduced size
+
+
+def _jpeg(pixels: np.ndarray, **options) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+def test_a_jpeg_decoded_knowing_the_crop_is_the_crop_of_its_whole_decode(rng):
+    """Decoding down to just below the crop (a baseline JPEG declaring fewer rows), at 1/2-1/8 of its size where the
+    crop allows it, changes no pixel the crop reads: against PIL's whole decode (and its `draft` at the scale),
+    crops and flips of every chroma subsampling and grey; files the row limit cannot apply to (progressive, restart
+    intervals) are decoded whole; CMYK goes through PIL; a broken file names itself."""
+    import simplejpeg
+    from PIL import Image
+
+    h, w = int(rng.integers(200, 420)), int(rng.integers(200, 420))
+    photo = np.kron(rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8), np.ones((8, 8, 1), np.uint8))
+    photo = np.clip(photo[:h, :w] + rng.integers(-30, 31, (h, w, 3)), 0, 255).astype(np.uint8)
+    files = {f"subsampling {s}": _jpeg(photo, subsampling=s) for s in (0, 1, 2)}
+    files["grey"] = _jpeg(photo[..., 0])
+    whole = {"progressive": _jpeg(photo, progressive=True), "restart intervals": _jpeg(photo, restart_marker_rows=1)}
+    for name, jpeg in {**files, **whole}.items():
+        assert (data._rows_only(jpeg, 40) is jpeg) == (name in whole), name
+        full = simplejpeg.decode_jpeg(jpeg)
+        for rows in [*range(8, h, 8), *rng.integers(1, h, 20)]:  # MCU edges (8, 16 rows) and any row
+            top = simplejpeg.decode_jpeg(data._rows_only(jpeg, int(rows)), strict=False)
+            np.testing.assert_array_equal(top[:rows], full[:rows], err_msg=f"{name}: the first {rows} rows")
+        opened = data._opened({"image": jpeg}, None)
+        decoded = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+        for size in (24, 48, 96):
+            seed = int(rng.integers(2 ** 31))
+            top, left, ch, cw = data.crop_box(h, w, np.random.default_rng(seed))
+            bottom = top + ch + ch // size + 2
+            pixels, sy, sx = data._decoded(opened, (h * size / ch, w * size / cw), bottom)
+            draft = Image.open(io.BytesIO(jpeg))
+            draft.draft("RGB", (math.ceil(w * size / cw), math.ceil(h * size / ch)))
+            reference = np.asarray(draft.convert("RGB"))
+            assert (sy, sx) == (reference.shape[0] / h, reference.shape[1] / w), (name, size)
+            rows = min(len(reference), math.ceil(bottom * sy))
+            assert len(pixels) >= rows, (name, size)
+            np.testing.assert_array_equal(pixels[:rows], reference[:rows], err_msg=f"{name}, size {size}, seed {seed}")
+            if sy == 1.0:  # decoded whole: the output is the decoded array's, pixel for pixel
+                np.testing.assert_array_equal(
+                    data._random_resized_crop(opened, np.random.default_rng(seed), size),
+                    data._random_resized_crop(decoded, np.random.default_rng(seed), size), err_msg=f"{name}, {seed}")
+    cmyk = io.BytesIO()
+    Image.fromarray(np.concatenate([photo, photo[..., :1]], -1), "CMYK").save(cmyk, format="JPEG")
+    assert isinstance(data._opened({"image": cmyk.getvalue()}, None), Image.Image)
+    with pytest.raises(ValueError, match="bad.jpg: a broken JPEG"):
+        data._opened({"image": b"\xff\xd8 truncated", "file": "bad.jpg"}, None)
 
 
 # --- any TFDS dataset by name ------------------------------------------------------------------------------------
