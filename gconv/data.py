@@ -432,7 +432,8 @@ def _decoded(image: Any, at_least: tuple[float, float] | None = None, bottom: in
     need_h, need_w = (max(1, math.ceil(n)) for n in at_least or (h, w))
     k = next((k for k in (8, 4, 2) if h // need_h >= k and w // need_w >= k), 1)
     jpeg = image.data if bottom is None else _rows_only(image.data, bottom)
-    pixels = simplejpeg.decode_jpeg(jpeg, "RGB", min_height=-(-simplejpeg.decode_jpeg_header(jpeg)[0] // k), min_width=-(-w // k),
+    rows = simplejpeg.decode_jpeg_header(jpeg)[0]  # all of them, or the fewer `_rows_only` declares
+    pixels = simplejpeg.decode_jpeg(jpeg, "RGB", min_height=-(-rows // k), min_width=-(-w // k),
                                     strict=False)  # warnings (extraneous bytes, ...) pass, as in PIL
     return pixels, -(-h // k) / h, -(-w // k) / w  # libjpeg's scaled size: ceil(side / k)
 

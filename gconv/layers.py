@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import canonicalize_dtype
 
 from gconv import autotune, ops
 
@@ -24,6 +25,7 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 __all__ = [
+    "BatchNorm",
     "GroupedConv",
     "ChannelShuffle",
     "LearnedGroupConv",
@@ -96,6 +98,47 @@ class GroupedConv(nn.Module):
         if bias is not None:
             y = y + bias
         return y
+
+
+class BatchNorm(nn.Module):
+    """`flax.linen.BatchNorm` over every axis but the last, `(..., C) -> (..., C)`: its variables (`scale`, `bias`;
+    `batch_stats` `mean`, `var`), defaults and arithmetic, float32 statistics, with the batch's mean and mean
+    square reduced as one stacked array. Under a mesh the batch's two statistics then cross the devices as one
+    array, not two (the cost of a step of a small model on many devices is mostly such exchanges)."""
+    use_running_average: bool | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = nn.initializers.zeros
+    scale_init: Initializer = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        features, axes = (x.shape[-1],), tuple(range(x.ndim - 1))
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
+        if use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            stats = jnp.asarray(x, jnp.promote_types(self.dtype or jnp.result_type(x), jnp.float32))
+            mean, mean2 = jnp.stack([stats, jax.lax.square(stats)]).mean(tuple(a + 1 for a in axes))
+            var = jnp.maximum(0.0, mean2 - jax.lax.square(mean))  # mean2 - mean^2 may round below 0
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        y, mul, args = x - mean, jax.lax.rsqrt(var + self.epsilon), [x]
+        if self.use_scale:
+            scale = self.param("scale", self.scale_init, features, self.param_dtype)
+            mul, args = mul * scale, args + [scale]
+        y = y * mul
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, features, self.param_dtype)
+            y, args = y + bias, args + [bias]
+        return jnp.asarray(y, canonicalize_dtype(*args, dtype=self.dtype))
 
 
 class ChannelShuffle(nn.Module):

@@ -24,9 +24,8 @@ from jax.sharding import PartitionSpec as P
 
 from gconv import data as data_lib
 from gconv import autotune, checkpoints, members, parallel, precise_bn, runlock, storage, watchdog
-from gconv.loop import (Checkpoint, Evaluate, Guard, Log, Run, Tick, close, evaluate, every, kept_summaries,
-                        open_runs, restore_group, run_actions, summaries, training_input, write_run_files,
-                        check_classes)
+from gconv.loop import (Checkpoint, Evaluate, Guard, Log, Run, Tick, check_classes, close, evaluate, every, open_runs,
+                        kept_summaries, restore_group, run_actions, summaries, training_input, write_run_files)
 from gconv.config import check_config
 from gconv.convert import load_torch_weights_for
 from gconv.models import model_from_config, model_state
@@ -93,8 +92,8 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float)
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.GradientTransformation,
-               label_smoothing: float | jax.Array = 0.0, axis_name: str | None = None
-               ) -> tuple[TrainState, dict]:
+               label_smoothing: float | jax.Array = 0.0, axis_name: str | None = None,
+               grad_norm: Callable = optax.tree.norm) -> tuple[TrainState, dict]:
     """One SGD step on the global `batch` (`image: (B, H, W, C)`, `label: (B,)`): a global program, which `jax.jit`
     partitions as the arrays' shardings say (gconv.parallel). Loss: cross-entropy + the model's `losses` collection.
     Under `pmap` pass its axis name: each device's gradients, metrics and BatchNorm statistics are averaged."""
@@ -115,7 +114,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
         grads, batch_stats, loss, accuracy = jax.lax.pmean((grads, batch_stats, loss, accuracy), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm(grads),
                "lr": current_rate(state.opt_state)}  # the rate of this step's update
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                               rng=jax.random.fold_in(state.rng, state.step),
@@ -229,14 +228,16 @@ def _steps(runs: list[Run], p: _Program) -> tuple[Callable, Callable, Callable, 
     """`(train_fn, eval_fn, place_train, place_eval)` of the group on its mesh (gconv.parallel.compile_steps)."""
     config = runs[0].config
     member_axis = parallel.MEMBER if parallel.MEMBER in p.mesh.axis_names else None
+    step = functools.partial(train_step, model=p.model, tx=p.tx,  # the gradients' norm: one exchange of devices
+                             grad_norm=parallel.sharded_norm(getattr(p.specs, "params", p.specs)))
     if len(runs) > 1:
         smoothing = np.asarray([r.config.optim.label_smoothing for r in runs], np.float32)
-        train = functools.partial(members.member_train_step, step=functools.partial(train_step, model=p.model, tx=p.tx),
-                                  label_smoothing=smoothing, member_axis=member_axis, vmap=config.member_vmap)
+        train = functools.partial(members.member_train_step, step=step, label_smoothing=smoothing,
+                                  member_axis=member_axis, vmap=config.member_vmap)
         evaluate_step = functools.partial(members.member_eval_step, step=functools.partial(eval_step, model=p.model),
                                           member_axis=member_axis, vmap=config.member_vmap)
     else:
-        train = functools.partial(train_step, model=p.model, tx=p.tx, label_smoothing=config.optim.label_smoothing)
+        train = functools.partial(step, label_smoothing=config.optim.label_smoothing)
         evaluate_step = functools.partial(eval_step, model=p.model)
     train, evaluate_step = (data_lib.standardized(f, p.info) for f in (train, evaluate_step))  # uint8 pixels in
     return parallel.compile_steps(train, evaluate_step, p.mesh, p.specs, config.parallel, members=len(runs) > 1)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gconv.layers import FullyLearnedGroupConv, GroupedConv
+from gconv.layers import BatchNorm, FullyLearnedGroupConv, GroupedConv
 
 ModuleDef = Callable[..., nn.Module]
 LayerPath = tuple[str, ...]
@@ -139,7 +139,7 @@ def conv_factory(dtype: Any, param_dtype: Any, group_conv: str = "fixed") -> Mod
 
 def norm_factory(train: bool, momentum: float, epsilon: float, dtype: Any, param_dtype: Any) -> ModuleDef:
     """BatchNorm with batch statistics in training (over the whole global batch, however it is sharded)."""
-    return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon,
+    return functools.partial(BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon,
                              dtype=dtype, param_dtype=param_dtype)
 
 
