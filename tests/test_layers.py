@@ -89,3 +89,38 @@ def test_use_from_nnx_through_bridge():
     np.testing.assert_array_equal(y, y_linen)  # the same module and parameters: the same program
     grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(conv)
     assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(nnx.state(grads, nnx.Param)))
+
+
+def test_batchnorm_is_flax_batchnorm(rng):
+    """`layers.BatchNorm` against `flax.linen.BatchNorm`: the same variables (names, shapes, dtypes, initial values)
+    and outputs and running statistics up to the order of the statistics' sums. Each statistic sums n = 16*6*6
+    terms (|x| or x^2): the two differ by at most 2 gamma(n) of their sums' absolute values; var = E[x^2] - E[x]^2
+    carries E[x^2]'s error and 2|E[x]| times E[x]'s (+ 4u of its terms' rounding); y = (x - mean) * scale /
+    sqrt(var + eps) + bias moves by |scale| / sqrt(var + eps) per unit of mean and |y - bias| / (2 (var + eps)) per
+    unit of var, + 8u of |y| (its elementwise roundings, taken twice). Evaluating (running averages) is bit for bit."""
+    x = (3 * rng.standard_normal((16, 6, 6, 12)) + 1).astype(np.float32)
+    ours, flax_bn = layers.BatchNorm(momentum=0.9), nn.BatchNorm(momentum=0.9)
+    variables = flax_bn.init(jax.random.PRNGKey(0), x, use_running_average=False)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype, np.asarray(a).tolist()), variables) == jax.tree.map(
+        lambda a: (a.shape, a.dtype, np.asarray(a).tolist()), ours.init(jax.random.PRNGKey(0), x,
+                                                                         use_running_average=False))
+    variables = jax.tree.map(lambda a: a + 0.3 * rng.standard_normal(a.shape).astype(np.float32), variables)
+    variables["batch_stats"]["var"] = np.abs(variables["batch_stats"]["var"]) + 0.5
+    got, got_stats = ours.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    want, want_stats = flax_bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    n, u = x.size // x.shape[-1], 2.0 ** -24
+    x64 = x.reshape(-1, 12).astype(np.float64)
+    mean, mean2 = x64.mean(0), np.square(x64).mean(0)
+    d_mean, d_mean2 = 2 * gamma(n) * np.abs(x64).mean(0), 2 * gamma(n) * mean2
+    d_var = d_mean2 + 2 * np.abs(mean) * d_mean + 4 * u * (mean2 + np.square(mean))
+    var, scale = mean2 - np.square(mean), np.abs(np.asarray(variables["params"]["scale"], np.float64))
+    y = np.asarray(want, np.float64)
+    bound = (d_mean * scale / np.sqrt(var + 1e-5) + np.abs(y - np.asarray(variables["params"]["bias"])) * d_var / (
+        2 * (var + 1e-5)) + 8 * u * np.abs(y))
+    assert_within(got, want, bound, "BatchNorm's output")
+    assert_within(got_stats["batch_stats"]["mean"], want_stats["batch_stats"]["mean"],
+                  0.1 * d_mean + 4 * u * np.abs(want_stats["batch_stats"]["mean"]), "the running mean")
+    assert_within(got_stats["batch_stats"]["var"], want_stats["batch_stats"]["var"],
+                  0.1 * d_var + 4 * u * want_stats["batch_stats"]["var"], "the running variance")
+    np.testing.assert_array_equal(ours.apply(variables, x, use_running_average=True),
+                                  flax_bn.apply(variables, x, use_running_average=True))

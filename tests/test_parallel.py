@@ -171,6 +171,45 @@ def test_sharded_channel_shuffle_equals_channel_shuffle():
     np.testing.assert_array_equal(ours(placed), ops.channel_shuffle(x, 8))
 
 
+def _exchanged(hlo: str) -> int:
+    """How many arrays a compiled program's all-reduces exchange (XLA's CPU runtime meets the other devices once for
+    each operand of an all-reduce)."""
+    return sum(len(operands.split(",")) for operands in re.findall(r" all-reduce\(([^)]*)\)", hlo))
+
+
+def test_norm_and_batch_statistics_cross_the_devices_once(rng):
+    """`parallel.sharded_norm` of a tree split over data=2 x model=4 as its specs say is `optax.tree.norm`'s value
+    (each is a sum of the N squares in some order: they differ by at most 2 gamma(N) of it, halved by the square
+    root) with one array exchanged per set of axes the leaves are split over (here model, and data), where the norm
+    traced leaf by leaf exchanges one per split leaf; and
+    `layers.BatchNorm`'s two batch statistics, over a batch split over data=8, cross as one array (flax's: two)."""
+    import flax.linen as nn
+    import optax
+    from gconv import layers
+    from tolerance import gamma
+
+    mesh = parallel.make_mesh({"data": 2, "model": 4})
+    specs = {"a": P(None, "model"), "b": P("model"), "c": P(), "d": P("data", None), "e": P(None, None, "model")}
+    shapes = {"a": (6, 8), "b": (12,), "c": (5,), "d": (4, 3), "e": (2, 3, 16)}
+    tree = {k: jax.device_put(rng.standard_normal(shape).astype(np.float32), NamedSharding(mesh, specs[k]))
+            for k, shape in shapes.items()}
+    programs = {name: parallel.MeshStep(jax.jit(norm), mesh) for name, norm in (
+        ("sharded", parallel.sharded_norm(specs)), ("leaf by leaf", optax.tree.norm))}
+    got, want = (float(programs[name](tree)) for name in programs)
+    total = sum(int(np.prod(shape)) for shape in shapes.values())
+    assert_within(got, want, gamma(total) * want, "the norm")
+    assert _exchanged(programs["sharded"].lower(tree).compile().as_text()) == 2  # a, b and e; d
+    assert _exchanged(programs["leaf by leaf"].lower(tree).compile().as_text()) == 4  # a, b, d and e
+
+    mesh = parallel.make_mesh({"data": 8, "model": 1})
+    x = jax.device_put(rng.standard_normal((16, 4, 4, 6)).astype(np.float32), NamedSharding(mesh, P("data")))
+    for norm, arrays in ((layers.BatchNorm, 1), (nn.BatchNorm, 2)):
+        module = norm(use_running_average=False)
+        variables = module.init(jax.random.PRNGKey(0), x)
+        hlo = jax.jit(lambda v, x: module.apply(v, x, mutable=["batch_stats"])).lower(variables, x).compile()
+        assert _exchanged(hlo.as_text()) == arrays, norm
+
+
 @pytest.mark.parametrize("name", tiered(["resnext11_8x4d", "shufflenet_g8_w1"], fast=["resnext11_8x4d"]))
 def test_group_parallel_train_step_on_a_2x4_mesh_equals_one_device(name):
     """The global model, its grouped layers split over model=4 by the family's rules (ResNeXt: column-parallel
