@@ -13,6 +13,7 @@ from gconv import data as data_lib
 from gconv import checkpoints, storage
 from gconv.models import family_of, model_from_config, model_state
 from gconv.loop import error_scores
+from gconv.summary import run_classes
 from gconv.train import TrainState, eval_step
 
 __all__ = ["evaluate_variables", "evaluate_run", "evaluate_weights"]
@@ -57,7 +58,7 @@ def evaluate_run(run_dir: Any, checkpoint: str = "latest", split: str = "eval") 
     step = checkpoints.choose_checkpoint(run_dir, checkpoint)
     restored = checkpoints.restore_on_host(run_dir / "checkpoints" / str(step) / "default")
     model = model_from_config(config.model, _classes(restored, config.model.name))
-    names = storage.read_json(run_dir / "classes.json") if storage.exists(run_dir / "classes.json") else ()
+    names = run_classes(run_dir) or ()
     scores = evaluate_variables(model, checkpoints.model_variables(restored), config.data, split, names)
     return {**scores, "model": family_of(model).name_of(model), "step": step, "split": split}
 

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from gconv import checkpoints, metrics_log, parallel, runlock, storage, watchdog
 from gconv import data as data_lib
 from gconv.progress import Progress
-from gconv.summary import BY_CLASS, run_summary
+from gconv.summary import BY_CLASS, CLASSES, run_classes, run_summary
 
 __all__ = ["Run", "Tick", "restore_group", "evaluate", "every", "Guard", "Log", "Evaluate", "Checkpoint", "run_actions",
            "check_classes", "write_run_files", "open_runs", "kept_summaries", "host_batches", "training_input", "close",
@@ -56,11 +56,10 @@ def check_classes(runs: list[Run], info: data_lib.DatasetInfo) -> None:
     """Refuses, before anything is restored or written, runs whose data names other classes than when they began
     (their `classes.json`: an image folder's sub-folders changed)."""
     for run in runs:
-        path = run.run_dir / "classes.json"
-        if storage.exists(path) and tuple(storage.read_json(path)) != info.classes:
-            raise ValueError(f"{run.run_dir}: the data's classes changed since this run began (was "
-                             f"{storage.read_json(path)}, now {list(info.classes)}): restore the data as it was, or "
-                             f"train in a new run directory.")
+        began = run_classes(run.run_dir)
+        if began is not None and tuple(began) != info.classes:
+            raise ValueError(f"{run.run_dir}: the data's classes changed since this run began (was {began}, now "
+                             f"{list(info.classes)}): restore the data as it was, or train in a new run directory.")
 
 
 def write_run_files(runs: list[Run], info: data_lib.DatasetInfo) -> None:
@@ -69,7 +68,7 @@ def write_run_files(runs: list[Run], info: data_lib.DatasetInfo) -> None:
     for run in runs:
         storage.write_json(run.run_dir / "config.json", run.config_json)
         if info.classes:
-            storage.write_json(run.run_dir / "classes.json", list(info.classes))
+            storage.write_json(run.run_dir / CLASSES, list(info.classes))
 
 
 def open_runs(runs: list[Run], start_step: int, keep: int, writer: bool) -> None:

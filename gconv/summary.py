@@ -10,9 +10,16 @@ from gconv.checkpoints import best_step
 from gconv.complexity import count_params, counts
 from gconv.models import family_of
 
-__all__ = ["run_summary", "BY_CLASS"]
+__all__ = ["run_summary", "run_classes", "BY_CLASS", "CLASSES"]
 
 BY_CLASS = "eval_top1_error_by_class"  # in the final evaluation's record: per class index, None without images
+CLASSES = "classes.json"  # a run's class names, where its data names them (gconv.loop.write_run_files)
+
+
+def run_classes(run_dir: Any) -> list[str] | None:
+    """The class names a run's data gave when it began (its `classes.json`), None where the data named none."""
+    path = run_dir / CLASSES
+    return storage.read_json(path) if storage.exists(path) else None
 
 
 def run_summary(run_dir: Any, model: Any, config: Any, image_shape: tuple[int, ...], params: Any,
@@ -45,6 +52,5 @@ def _by_class(run_dir: Any, history: list[dict]) -> dict[str, float] | None:
     final = [r[BY_CLASS] for r in history if BY_CLASS in r]
     if not final:
         return None
-    path = run_dir / "classes.json"
-    names = storage.read_json(path) if storage.exists(path) else [str(i) for i in range(len(final[-1]))]
+    names = run_classes(run_dir) or [str(i) for i in range(len(final[-1]))]
     return {name: error for name, error in zip(names, final[-1]) if error is not None}
