@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import canonicalize_dtype
 
 from gconv import autotune, ops
+from gconv.ops import partition
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -102,9 +103,8 @@ class GroupedConv(nn.Module):
 
 class BatchNorm(nn.Module):
     """`flax.linen.BatchNorm` over every axis but the last, `(..., C) -> (..., C)`: its variables (`scale`, `bias`;
-    `batch_stats` `mean`, `var`), defaults and arithmetic, float32 statistics, with the batch's mean and mean
-    square reduced as one stacked array. Under a mesh the batch's two statistics then cross the devices as one
-    array, not two (the cost of a step of a small model on many devices is mostly such exchanges)."""
+    `batch_stats` `mean`, `var`), defaults and arithmetic, float32 statistics; with the batch split over devices,
+    its mean and mean square cross them as one array, not two (`ops.partition.batch_moments`)."""
     use_running_average: bool | None = None
     momentum: float = 0.99
     epsilon: float = 1e-5
@@ -118,14 +118,14 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        features, axes = (x.shape[-1],), tuple(range(x.ndim - 1))
+        features = (x.shape[-1],)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
         if use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
             stats = jnp.asarray(x, jnp.promote_types(self.dtype or jnp.result_type(x), jnp.float32))
-            mean, mean2 = jnp.stack([stats, jax.lax.square(stats)]).mean(tuple(a + 1 for a in axes))
+            mean, mean2 = partition.batch_moments(stats)  # one exchange of devices when the batch is split
             var = jnp.maximum(0.0, mean2 - jax.lax.square(mean))  # mean2 - mean^2 may round below 0
             if not self.is_initializing():
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean

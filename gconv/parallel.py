@@ -97,19 +97,22 @@ def shard_batch(batch: dict, mesh: Mesh, spec: P = P(DATA)) -> dict:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
-def pmap_data_parallel(step: Callable, devices: list | None = None) -> Callable:
+def pmap_data_parallel(step: Callable, devices: list | None = None, batch_axis: int = 0) -> Callable:
     """The data-parallel step through `jax.pmap` (`step(state, batch, axis_name=...)` averages its gradients,
     metrics and BatchNorm statistics over the devices; each device normalises with its own batch's statistics):
-    takes the replicated state and a global batch, reshapes the batch to `(n_devices, B / n, ...)`, and returns the
-    state and metrics of device 0."""
+    takes the replicated state and a global batch, splits the batch's `batch_axis` (1 for members' batches
+    `(K, B, ...)`) into `n_devices` blocks of `B / n` rows, and returns the state and metrics of device 0."""
     devices = list(devices if devices is not None else jax.local_devices())
     pmapped = jax.pmap(functools.partial(step, axis_name=DATA), axis_name=DATA, devices=devices, donate_argnums=0)
     n = len(devices)
 
+    def split(x):
+        shape = x.shape[:batch_axis] + (n, x.shape[batch_axis] // n) + x.shape[batch_axis + 1:]
+        return jnp.moveaxis(jnp.reshape(x, shape), batch_axis, 0)
+
     def run(state, batch):
         stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), state)
-        split = jax.tree.map(lambda x: jnp.reshape(x, (n, x.shape[0] // n) + x.shape[1:]), batch)
-        new_state, metrics = pmapped(stacked, split)
+        new_state, metrics = pmapped(stacked, jax.tree.map(split, batch))
         return jax.tree.map(lambda x: x[0], new_state), jax.tree.map(lambda x: x[0], metrics)
 
     return run
@@ -217,26 +220,31 @@ def state_specs(state: Any, sharding: Any, model: Any, mesh: Mesh) -> Any:
 
 
 def sharded_norm(specs: Any) -> Callable[[Any], jax.Array]:
-    """`optax.tree.norm` of a tree laid out as `specs` (partition specs) say, summed where its leaves live: a leaf
-    split along one dimension adds its squares into one value per shard, and the shards' values of every leaf split
-    over the same axes are added before the one sum across devices (traced as is, XLA exchanges each leaf's sum on
-    its own: one exchange per leaf, the cost of a step on small models). Global: the same value on any mesh, up to
-    the order of the additions."""
+    """`optax.tree.norm` of a tree laid out as `specs` (partition specs) say, summed where its leaves live: the
+    leaves split along one dimension over the same axes are laid side by side as rows of their shards and summed as
+    one array, so the devices exchange one value per set of axes (traced leaf by leaf, XLA exchanges each leaf's
+    sum on its own: one exchange per leaf, the cost of a step on small models); the whole (replicated) leaves are
+    summed as one array too. Squares in float32. Global: the same value on any mesh, up to the order of the
+    additions."""
     def norm(tree: Any) -> jax.Array:
         mesh = jax.sharding.get_abstract_mesh()
-        leaf_specs = [P()] * len(jax.tree.leaves(tree)) if isinstance(specs, P) else jax.tree.leaves(
+        leaves = [jnp.asarray(leaf, jnp.float32) for leaf in jax.tree.leaves(tree)]
+        leaf_specs = [P()] * len(leaves) if isinstance(specs, P) else jax.tree.leaves(
             specs, is_leaf=lambda x: isinstance(x, P))
-        whole, split = [], {}
-        for leaf, spec in zip(jax.tree.leaves(tree), leaf_specs, strict=True):
-            square = jnp.square(leaf)
+        rows: dict[tuple, list] = {(): []}  # axes -> (shards, n) blocks: a leaf's shards in rows, () for whole ones
+        sums = []  # leaves split along several dimensions: each summed on its own
+        for leaf, spec in zip(leaves, leaf_specs, strict=True):
             dims = [d for d, axes in enumerate(spec) if axes is not None]
-            if len(dims) != 1 or mesh.empty:
-                whole.append(jnp.sum(square))
-                continue
-            axes = spec[dims[0]] if isinstance(spec[dims[0]], tuple) else (spec[dims[0]],)
-            shards = math.prod(mesh.shape[a] for a in axes)
-            split.setdefault(axes, []).append(jnp.moveaxis(square, dims[0], 0).reshape(shards, -1).sum(1))
-        return jnp.sqrt(sum(whole) + sum(jnp.sum(sum(values)) for values in split.values()))
+            if not dims or mesh.empty:
+                rows[()].append(leaf.reshape(1, -1))
+            elif len(dims) > 1:
+                sums.append(jnp.sum(jnp.square(leaf)))
+            else:
+                axes = spec[dims[0]] if isinstance(spec[dims[0]], tuple) else (spec[dims[0]],)
+                shards = math.prod(mesh.shape[a] for a in axes)
+                rows.setdefault(axes, []).append(jnp.moveaxis(leaf, dims[0], 0).reshape(shards, -1))
+        # one sum of squares over each concatenation (XLA fuses the concatenation into the reduction)
+        return jnp.sqrt(sum(sums + [jnp.sum(jnp.square(jnp.concatenate(r, 1))) for r in rows.values() if r]))
 
     return norm
 
@@ -325,7 +333,8 @@ def compile_steps(train_step: Callable, eval_step: Callable, mesh: Mesh, specs: 
     if mesh.size == 1:
         return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), (lambda b: b), (lambda b: b)
     if mode == "pmap":
-        return pmap_data_parallel(train_step), jax.jit(eval_step), (lambda b: b), (lambda b: b)
+        return (pmap_data_parallel(train_step, batch_axis=1 if members else 0), jax.jit(eval_step), (lambda b: b),
+                (lambda b: b))
     batch_spec = P(DATA)
     if members:
         specs = member_specs(specs, mesh)

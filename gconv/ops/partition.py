@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 __all__ = ["DATA", "MODEL", "MEMBER", "mesh_sizes", "partitioned_conv", "partitioned_shuffle",
-           "sharded_channel_shuffle"]
+           "sharded_channel_shuffle", "batch_moments"]
 
 DATA, MODEL, MEMBER = "data", "model", "member"  # the mesh's batch, group and member axes
 
@@ -75,6 +75,19 @@ def partitioned_shuffle(shuffle: Callable, x: jax.Array, groups: int) -> jax.Arr
     spec = P(b, *(None,) * (x.ndim - 2), c)
     local = (lambda v: sharded_channel_shuffle(v, groups, MODEL, size)) if c else (lambda v: shuffle(v, groups))
     return jax.shard_map(local, in_specs=spec, out_specs=spec)(_placed(x, spec))
+
+
+def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(mean, mean square)` of `x: (N, ..., C)` over every axis but the last, `(C,)` each (BatchNorm's
+    statistics). With the batch split over the mesh's `data` axis, each example's two moments over its positions
+    are stacked and averaged over the batch as one array, which crosses the devices once, not twice (a step of a
+    small model on many devices costs mostly such exchanges); otherwise two reductions, which XLA fuses into one
+    pass over `x`."""
+    if mesh_sizes().get(DATA, 1) == 1:
+        axes = tuple(range(x.ndim - 1))
+        return x.mean(axes), jax.lax.square(x).mean(axes)
+    inner = tuple(range(1, x.ndim - 1))
+    return tuple(jnp.stack([x.mean(inner), jax.lax.square(x).mean(inner)]).mean(1))  # (2, N, C) -> (2, C)
 
 
 def sharded_channel_shuffle(x: jax.Array, groups: int, axis_name: str, axis_size: int) -> jax.Array:
