@@ -150,8 +150,8 @@ def train_members(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequen
                   takeover: bool = False) -> list[dict[str, Any]]:
     """Trains K runs that build the same shapes (`gconv.members.group_runs`) as one program, each in its own run
     directory, as `train_and_evaluate` trains one: the K states stacked and the steps `vmap`ped over them (one run
-    is K = 1, through the same code). Returns the K summaries. A member whose loss turns non-finite stops (its last good
-    checkpoint kept) while the others go on; the first such failure is raised once they have finished.
+    is K = 1, through the same code). Returns the K summaries. A member whose loss turns non-finite stops (its last
+    good checkpoint kept) while the others go on; the first such failure is raised once they have finished.
     `takeover`: take the run directories' locks even from holders that look alive (their host is gone)."""
     for config in configs:
         preflight(config)
