@@ -78,7 +78,7 @@ def open_runs(runs: list[Run], start_step: int, keep: int, writer: bool) -> None
             run.manager = checkpoints.manager(run.ckpt_dir, keep, run.run_dir.name)
         run.log = metrics_log.MetricsLog(run.run_dir / "metrics.jsonl", start_step, enabled=writer)
         run.pending = metrics_log.PendingMetrics(run.run_dir, start_step, enabled=writer,
-                                                 lane=i)
+                                                 lane=i if len(runs) > 1 else None)
 
 
 def kept_summaries(runs: list[Run], step: int) -> list[dict]:
@@ -92,7 +92,7 @@ def kept_summaries(runs: list[Run], step: int) -> list[dict]:
 
 def restore_group(runs: list[Run], state: Any, take: Callable, stack: Callable,
                   set_aside: bool) -> tuple[int | None, Any]:
-    """`(step, state)` from the members' (one run's: K = 1) newest checkpoints: the newest step at which every
+    """`(step, state)` from the runs' newest checkpoints: a run's own; for members, the newest step at which every
     member's checkpoint restores. The steps every member has are read before anything is restored; a member's
     newer ones (left by a stop in the middle of the group's saves) are removed: the group trains those steps
     again. `(None, state)` when there is none."""
@@ -104,6 +104,9 @@ def restore_group(runs: list[Run], state: Any, take: Callable, stack: Callable,
             run.ckpt_dir, lambda s: checkpointer.restore(run.ckpt_dir / str(s) / "default", target), steps,
             set_aside=set_aside)
 
+    if len(runs) == 1:
+        step, restored = restore(runs[0], state, None)
+        return (step, restored) if step is not None else (None, state)
     common = set.intersection(*(set(checkpoints.readable_checkpoint_steps(run.ckpt_dir)) for run in runs))
     limit = max(common) if common else -1
     found = []
@@ -168,8 +171,8 @@ class Guard:
     """Brings each live run's pending metrics to the host before they are logged or saved. A non-finite one raises;
     of members, it stops that member (one line) and the others go on, unless none is left."""
 
-    def __init__(self, runs: list[Run], due: Callable[[int, Any], bool]):
-        self.runs, self.due = runs, due
+    def __init__(self, runs: list[Run], joined: bool, due: Callable[[int, Any], bool]):
+        self.runs, self.joined, self.due = runs, joined, due
 
     def __call__(self, tick: Tick) -> None:
         for run in self.runs:
@@ -178,7 +181,7 @@ class Guard:
             try:
                 run.pending.fetch()
             except FloatingPointError as e:
-                if len(self.runs) == 1:
+                if not self.joined:
                     raise
                 run.failure = f"{run.run_dir.name}: {e}"
                 print(f"warning: member {run.failure}; the other members go on.", flush=True)
@@ -287,6 +290,8 @@ def host_batches(config: ml_collections.ConfigDict, p: Any, seed: int, start: in
 def training_input(runs: list[Run], p: Any, place: Callable, start: int) -> Iterator[dict]:
     """This process's rows of each training batch from step `start` (members: its members' batches, stacked)."""
     config = runs[0].config
+    if len(runs) == 1:
+        return _closing([host_batches(config, p, config.seed, start)], lambda group: place(group[0]))
     fed = [host_batches(config, p, runs[i].config.seed, start) for i in parallel.member_block(p.mesh, len(runs))]
     return _closing(fed, lambda group: place(jax.tree.map(lambda *rows: np.stack(rows), *group)))
 
@@ -318,7 +323,8 @@ def summaries(runs: list[Run], p: Any, state: Any, throughput: list, writer: boo
     for run in runs:
         if run.failure is not None:
             continue
-        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state.params)
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state.params) if len(runs) > 1 \
+            else state.params
         summary = run_summary(run.run_dir, p.model, run.config, p.info.image_shape, params, run.log.records,
                               throughput, p.total_steps)
         if writer:

@@ -97,22 +97,19 @@ def shard_batch(batch: dict, mesh: Mesh, spec: P = P(DATA)) -> dict:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
-def pmap_data_parallel(step: Callable, devices: list | None = None, batch_axis: int = 0) -> Callable:
+def pmap_data_parallel(step: Callable, devices: list | None = None) -> Callable:
     """The data-parallel step through `jax.pmap` (`step(state, batch, axis_name=...)` averages its gradients,
     metrics and BatchNorm statistics over the devices; each device normalises with its own batch's statistics):
-    takes the replicated state and a global batch, splits the batch's `batch_axis` (1 for members' batches
-    `(K, B, ...)`) into `n_devices` blocks of `B / n` rows, and returns the state and metrics of device 0."""
+    takes the replicated state and a global batch, reshapes the batch to `(n_devices, B / n, ...)`, and returns the
+    state and metrics of device 0."""
     devices = list(devices if devices is not None else jax.local_devices())
     pmapped = jax.pmap(functools.partial(step, axis_name=DATA), axis_name=DATA, devices=devices, donate_argnums=0)
     n = len(devices)
 
-    def split(x):
-        shape = x.shape[:batch_axis] + (n, x.shape[batch_axis] // n) + x.shape[batch_axis + 1:]
-        return jnp.moveaxis(jnp.reshape(x, shape), batch_axis, 0)
-
     def run(state, batch):
         stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), state)
-        new_state, metrics = pmapped(stacked, jax.tree.map(split, batch))
+        split = jax.tree.map(lambda x: jnp.reshape(x, (n, x.shape[0] // n) + x.shape[1:]), batch)
+        new_state, metrics = pmapped(stacked, split)
         return jax.tree.map(lambda x: x[0], new_state), jax.tree.map(lambda x: x[0], metrics)
 
     return run
@@ -333,8 +330,7 @@ def compile_steps(train_step: Callable, eval_step: Callable, mesh: Mesh, specs: 
     if mesh.size == 1:
         return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), (lambda b: b), (lambda b: b)
     if mode == "pmap":
-        return (pmap_data_parallel(train_step, batch_axis=1 if members else 0), jax.jit(eval_step), (lambda b: b),
-                (lambda b: b))
+        return pmap_data_parallel(train_step), jax.jit(eval_step), (lambda b: b), (lambda b: b)
     batch_spec = P(DATA)
     if members:
         specs = member_specs(specs, mesh)

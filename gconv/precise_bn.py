@@ -17,7 +17,6 @@ import jax
 from flax import traverse_util
 
 from gconv import data as data_lib
-from gconv import parallel
 from gconv.loop import host_batches
 
 __all__ = ["precise_batch_stats", "recompute"]
@@ -60,20 +59,17 @@ def precise_batch_stats(model: nn.Module, params: Any, batch_stats: Any, batches
     return jax.device_put(traverse_util.unflatten_dict(flat), jax.tree.map(lambda x: x.sharding, batch_stats))
 
 
-def recompute(config: Any, p: Any) -> Callable | None:
-    """A train state (one run's, as a group of K = 1 members) -> the state with BN statistics over the run's
-    `precise_bn_images` fixed training images (the first batches of its seed's order); None when it is off. `p`: the
-    run's program (gconv.train)."""
+def recompute(config: Any, p: Any, place: Callable) -> Callable | None:
+    """A train state -> the state with BN statistics over the run's `precise_bn_images` fixed training images (the
+    first batches of its seed's order); None when it is off. `p`: the run's program (gconv.train)."""
     if config.get("precise_bn_images", 0) <= 0:
         return None
     batch_size = config.data.batch_size
-    place = (lambda batch: parallel.shard_batch(batch, p.mesh)) if p.mesh.size > 1 else (lambda batch: batch)
 
-    def recompute_state(states: Any) -> Any:
-        state = p.take(states, 0)  # runs with precise BatchNorm train alone (gconv.members)
+    def recompute_state(state: Any) -> Any:
         images = itertools.islice(host_batches(config, p, config.seed, 0), -(-config.precise_bn_images // batch_size))
-        return p.stack(state.replace(batch_stats=precise_batch_stats(
-            p.model, state.params, state.batch_stats, map(place, images), state.model_state,
-            data_lib.standardize(p.info))))
+        return state.replace(batch_stats=precise_batch_stats(p.model, state.params, state.batch_stats,
+                                                             map(place, images), state.model_state,
+                                                             data_lib.standardize(p.info)))
 
     return recompute_state

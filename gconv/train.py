@@ -149,9 +149,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any) -> dict[
 def train_members(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[Any],
                   takeover: bool = False) -> list[dict[str, Any]]:
     """Trains K runs that build the same shapes (`gconv.members.group_runs`) as one program, each in its own run
-    directory, as `train_and_evaluate` trains one: the K states stacked and the steps `vmap`ped over them (one run
-    is K = 1, through the same code). Returns the K summaries. A member whose loss turns non-finite stops (its last
-    good checkpoint kept) while the others go on; the first such failure is raised once they have finished.
+    directory, as `train_and_evaluate` trains one: the K states stacked and the steps `vmap`ped over them (K = 1:
+    one run, no member axis). Returns the K summaries. A member whose loss turns non-finite stops (its last good
+    checkpoint kept) while the others go on; the first such failure is raised once they have finished.
     `takeover`: take the run directories' locks even from holders that look alive (their host is gone)."""
     for config in configs:
         preflight(config)
@@ -181,15 +181,15 @@ class _Program:
     model: nn.Module
     mesh: Any
     tx: optax.GradientTransformation  # every member's: its rates are in its state
-    hyper: dict  # the members' rates (`gconv.optim.hyperparams`, stacked)
-    specs: Any  # one member's partition specs
-    shardings: Any  # where the members' state is created; None: one device
-    take: Callable  # (members' state, i) -> member i's state
+    hyper: dict | None  # the members' rates (`gconv.optim.hyperparams`, stacked); None: one run
+    specs: Any  # one run's partition specs
+    shardings: Any  # where the (members') state is created; None: one device
+    take: Callable  # a members' state -> member i's (one run: the state itself)
     stack: Callable  # members' states -> the stacked state
 
 
 def _program(runs: list[Run]) -> _Program:
-    config = runs[0].config  # everything but JOINABLE keys is the same for every member
+    config, joined = runs[0].config, len(runs) > 1  # everything but JOINABLE keys is the same for every member
     train_source, eval_source, info = data_lib.get_sources(config.data)
     steps_per_epoch = max(1, info.num_train // config.data.batch_size)
     total_steps = config.num_steps if config.num_steps > 0 else int(config.num_epochs * steps_per_epoch)
@@ -197,27 +197,30 @@ def _program(runs: list[Run]) -> _Program:
     model = model_from_config(config.model, info.num_classes, total_steps=total_steps)  # a global program
     tx, _ = create_optimizer(config.optim, steps_per_epoch, total_steps)
     hyper = jax.tree.map(lambda *v: np.stack(v), *[hyperparams(run.config.optim, steps_per_epoch, total_steps)
-                                                   for run in runs])
+                                                   for run in runs]) if joined else None
     abstract = abstract_train_state(model, tx, info.image_shape)
     specs = parallel.state_specs(abstract, config.sharding, model, mesh) if mesh.size > 1 else P()
     one, stacked = (parallel.named(specs, mesh), parallel.named(parallel.member_specs(specs, mesh), mesh)) if (
         mesh.size > 1) else (None, None)
-    take = jax.jit(lambda states, i: jax.tree.map(lambda x: x[i], states), out_shardings=one)
+    take = jax.jit(lambda states, i: jax.tree.map(lambda x: x[i], states), out_shardings=one) if joined else (
+        lambda state, i: state)
     stack = jax.jit(lambda *members: jax.tree.map(lambda *xs: jnp.stack(xs), *members), out_shardings=stacked)
-    return _Program(info, train_source, eval_source, total_steps, model, mesh, tx, hyper, specs, stacked, take, stack)
+    return _Program(info, train_source, eval_source, total_steps, model, mesh, tx, hyper, specs,
+                    stacked if joined else one, take, stack)
 
 
 def _initial_state(runs: list[Run], p: _Program, writer: bool) -> tuple[int | None, TrainState]:
     """`(resume step or None, state)`: created where the rules put it (from PyTorch weights when `init_from`
     says so and nothing is saved yet), then restored from the runs' checkpoints onto this mesh's shardings."""
-    config = runs[0].config
-    state = create_train_state(p.model, p.tx, p.info.image_shape, [run.config.seed for run in runs], p.shardings,
-                               p.hyper)
+    config, joined = runs[0].config, len(runs) > 1
+    seeds = [run.config.seed for run in runs] if joined else config.seed
+    state = create_train_state(p.model, p.tx, p.info.image_shape, seeds, p.shardings, p.hyper)
     if config.init_from and not any(checkpoints.readable_checkpoint_steps(run.ckpt_dir) for run in runs):
         variables = load_torch_weights_for(config, p.info.num_classes)  # parameters and BN statistics, from PyTorch
         loaded = p.take(state, 0).replace(**variables)
         state = p.stack(*[loaded.replace(rng=p.take(state, i).rng, opt_state=p.take(state, i).opt_state)
-                          for i in range(len(runs))])
+                          for i in range(len(runs))]) if joined else (
+            jax.device_put(loaded, p.shardings) if p.shardings is not None else loaded)
     return restore_group(runs, state, p.take, p.stack, set_aside=writer)
 
 
@@ -227,13 +230,17 @@ def _steps(runs: list[Run], p: _Program) -> tuple[Callable, Callable, Callable, 
     member_axis = parallel.MEMBER if parallel.MEMBER in p.mesh.axis_names else None
     step = functools.partial(train_step, model=p.model, tx=p.tx,  # the gradients' norm: one exchange of devices
                              grad_norm=parallel.sharded_norm(getattr(p.specs, "params", p.specs)))
-    smoothing = np.asarray([r.config.optim.label_smoothing for r in runs], np.float32)
-    train = functools.partial(members.member_train_step, step=step, label_smoothing=smoothing,
-                              member_axis=member_axis, vmap=config.member_vmap)
-    evaluate_step = functools.partial(members.member_eval_step, step=functools.partial(eval_step, model=p.model),
-                                      member_axis=member_axis, vmap=config.member_vmap)
+    if len(runs) > 1:
+        smoothing = np.asarray([r.config.optim.label_smoothing for r in runs], np.float32)
+        train = functools.partial(members.member_train_step, step=step, label_smoothing=smoothing,
+                                  member_axis=member_axis, vmap=config.member_vmap)
+        evaluate_step = functools.partial(members.member_eval_step, step=functools.partial(eval_step, model=p.model),
+                                          member_axis=member_axis, vmap=config.member_vmap)
+    else:
+        train = functools.partial(step, label_smoothing=config.optim.label_smoothing)
+        evaluate_step = functools.partial(eval_step, model=p.model)
     train, evaluate_step = (data_lib.standardized(f, p.info) for f in (train, evaluate_step))  # uint8 pixels in
-    return parallel.compile_steps(train, evaluate_step, p.mesh, p.specs, config.parallel, members=True)
+    return parallel.compile_steps(train, evaluate_step, p.mesh, p.specs, config.parallel, members=len(runs) > 1)
 
 
 def _train(runs: list[Run], writer: bool) -> list[dict[str, Any]]:
@@ -266,10 +273,10 @@ def _train(runs: list[Run], writer: bool) -> list[dict[str, Any]]:
     is_log, is_eval = every(config.log_every_steps, total_steps), every(config.eval_every_steps, total_steps)
     is_ckpt = lambda done, stopping: is_eval(done) or done % config.checkpoint_every_steps == 0 or stopping  # noqa
     log = Log(runs, is_log, progress, config.data.batch_size, start_step)
-    actions = [Guard(runs, lambda done, stopping: is_log(done) or is_ckpt(done, stopping)), log,
+    actions = [Guard(runs, joined, lambda done, stopping: is_log(done) or is_ckpt(done, stopping)), log,
                Evaluate(runs, is_eval, lambda s: evaluate(eval_fn, s, map(place_eval, data_lib.eval_batches(
                    p.eval_source, p.info, config.data.eval_batch_size, config.data.num_workers)),
-                   members=count), progress, total_steps, precise_bn.recompute(config, p)),
+                   members=count if joined else 0), progress, total_steps, precise_bn.recompute(config, p, place_train)),
                Checkpoint(runs, is_ckpt, p.take, writer, (used, dict(given)))]
     try:
         with StopFlag(multiprocess=jax.process_count() > 1) as stop:

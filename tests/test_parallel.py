@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from gconv import members, parallel, train
+from gconv import parallel, train
 from jax.sharding import NamedSharding, PartitionSpec as P
 from gconv.config import base_config
 from gconv.models import create_model
@@ -83,16 +83,11 @@ def test_data_parallel_step_equals_single_device_step_on_the_global_batch(setup)
 def test_pmap_step_averages_the_devices_steps(setup):
     """pmap: each device normalises with its own rows' BatchNorm statistics (no cross-device BatchNorm in a
     global model) and the gradients, metrics and statistics are averaged. With the same rows on every device
-    the per-device statistics are the global ones: the step equals one device's on those rows. Taken as training
-    takes it: a run is a group of one member (`gconv.members`), its batch `(1, B, ...)` split along axis 1."""
+    the per-device statistics are the global ones: the step equals one device's on those rows."""
     state, batch, step, _ = setup
     rows = jax.tree.map(lambda x: x[:4], batch)
     s1, m1 = jax.jit(step)(state, rows)
-    one = functools.partial(members.member_train_step, step=step, label_smoothing=np.zeros(1, np.float32))
-    stacked = lambda tree: jax.tree.map(lambda x: x[None], tree)  # noqa: E731
-    s_pm, m_pm = parallel.pmap_data_parallel(one, batch_axis=1)(
-        stacked(state), stacked(jax.tree.map(lambda x: jnp.concatenate([x] * 8), rows)))
-    s_pm, m_pm = jax.tree.map(lambda x: x[0], (s_pm, m_pm))
+    s_pm, m_pm = parallel.pmap_data_parallel(step)(state, jax.tree.map(lambda x: jnp.concatenate([x] * 8), rows))
     rtol = step_rtol(rows["image"].size // 3)  # the mean of 8 equal gradients: one rounding of a sum of 8
     np.testing.assert_allclose(m_pm["loss"], m1["loss"], rtol=rtol)
     assert _max_diff(s_pm.params, s1.params) < rtol and _max_diff(s_pm.batch_stats, s1.batch_stats) < rtol
