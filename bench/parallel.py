@@ -1,12 +1,14 @@
 """Training speed of gconv's parallel setups, before and after a change, side by side in one run.
 
-    python bench/parallel.py [--before REV] [--after REV] [--steps 60] [--repeats 3] [--json OUT]
+    python bench/parallel.py [--before REV] [--after REV] [--steps 60] [--repeats 6] [--json OUT]
 
 `--before` (default: the commit before the one that made parallelism declared) is checked out beside the working
 tree (`git worktree`, removed at the end); so is `--after` when given (default: the working tree itself). For each setup, `launch.py` trains the default experiment's local point c2
-on 8 simulated CPU devices with each tree in turn, interleaved `--repeats` times; a run's speed is its summary's
-`img_per_sec` (the median over its log intervals after the first, which includes compilation). Prints the median
-steps/s of each side and the ratio after / before.
+on 8 simulated CPU devices with each tree in turn, `--repeats` pairs of runs; a run's speed is its summary's
+`img_per_sec` (the median over its log intervals after the first, which includes compilation). The pairs alternate
+their order (before-after, after-before, ...), so that a machine whose speed drifts during the benchmark (a shared
+VM) favours neither side, and each pair's ratio compares two runs made one after the other. Prints the median
+steps/s of each side, the ratio of the medians and the median of the pairs' ratios (with their range).
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def main() -> int:
     parser.add_argument("--before", default=BEFORE)
     parser.add_argument("--after", help="a revision instead of the working tree")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gconv-bench-parallel-") as tmp:
@@ -64,13 +66,16 @@ def main() -> int:
             for name, overrides in SETUPS.items():
                 speeds = {"before": [], "after": []}
                 for r in range(args.repeats):
-                    for side, tree in (("before", before), ("after", after)):
+                    sides = (("before", before), ("after", after))
+                    for side, tree in sides[::-1] if r % 2 else sides:
                         workdir = Path(tmp) / f"{side}-{len(rows)}-{r}"
                         speeds[side].append(_speed(tree, overrides, args.steps, workdir))
                 b, a = statistics.median(speeds["before"]), statistics.median(speeds["after"])
-                rows[name] = {"before": b, "after": a, "ratio": a / b, "runs": speeds}
-                print(f"{name:34s} before {b:7.2f} steps/s   after {a:7.2f} steps/s   after/before {a / b:.3f}",
-                      flush=True)
+                pairs = sorted(x / y for x, y in zip(speeds["after"], speeds["before"]))
+                rows[name] = {"before": b, "after": a, "ratio": a / b, "pair_ratio": statistics.median(pairs),
+                              "runs": speeds}
+                print(f"{name:34s} before {b:7.2f} steps/s   after {a:7.2f} steps/s   after/before {a / b:.3f}   "
+                      f"pairs {statistics.median(pairs):.3f} ({pairs[0]:.3f}-{pairs[-1]:.3f})", flush=True)
         finally:
             for tree in {before, after} - {ROOT}:
                 subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
