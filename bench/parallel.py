@@ -3,12 +3,13 @@
     python bench/parallel.py [--before REV] [--after REV] [--steps 60] [--repeats 6] [--json OUT]
 
 `--before` (default: the commit before the one that made parallelism declared) is checked out beside the working
-tree (`git worktree`, removed at the end); so is `--after` when given (default: the working tree itself). For each setup, `launch.py` trains the default experiment's local point c2
-on 8 simulated CPU devices with each tree in turn, `--repeats` pairs of runs; a run's speed is its summary's
-`img_per_sec` (the median over its log intervals after the first, which includes compilation). The pairs alternate
-their order (before-after, after-before, ...), so that a machine whose speed drifts during the benchmark (a shared
-VM) favours neither side, and each pair's ratio compares two runs made one after the other. Prints the median
-steps/s of each side, the ratio of the medians and the median of the pairs' ratios (with their range).
+tree (`git worktree`, removed at the end); so is `--after` when given (default: the working tree itself). For each
+setup, `launch.py` trains the default experiment's local point c2 on 8 simulated CPU devices with each tree in
+turn, `--repeats` pairs of runs; a run's speed is its summary's `img_per_sec` (the median over its log intervals
+after the first, which includes compilation). The pairs alternate their order (before-after, after-before, ...), so
+that a machine whose speed drifts during the benchmark (a shared VM) favours neither side, and each pair's ratio
+compares two runs made one after the other. Prints the median steps/s of each side, the ratio of the medians and
+the median of the pairs' ratios (with their range).
 """
 from __future__ import annotations
 
