@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from gconv import parallel, train
+from gconv.ops import partition
 from jax.sharding import NamedSharding, PartitionSpec as P
 from gconv.config import base_config
 from gconv.models import create_model
@@ -183,7 +184,8 @@ def test_norm_and_batch_statistics_cross_the_devices_once(rng):
     root) with one array exchanged per set of axes the leaves are split over (here model, and data), where the norm
     traced leaf by leaf exchanges one per split leaf; and
     `layers.BatchNorm`'s two batch statistics, over a batch split over data=8 (traced under the mesh, as the steps
-    are), cross as one array (flax's: two)."""
+    are), cross as one array (flax's: two); `batch_moments` of a `(C,)` input, which has no batch axis, is the
+    input and its square there too."""
     import flax.linen as nn
     import optax
     from gconv import layers
@@ -209,6 +211,11 @@ def test_norm_and_batch_statistics_cross_the_devices_once(rng):
         variables = module.init(jax.random.PRNGKey(0), x)
         apply = parallel.MeshStep(jax.jit(lambda v, x: module.apply(v, x, mutable=["batch_stats"])), mesh)
         assert _exchanged(apply.lower(variables, x).compile().as_text()) == arrays, norm
+    c = np.asarray(x[0, 0, 0])  # no batch axis: each channel is its own mean, on any mesh (exact)
+    with jax.set_mesh(mesh):
+        mean, mean2 = partition.batch_moments(jnp.asarray(c))
+    np.testing.assert_array_equal(mean, c)
+    np.testing.assert_array_equal(mean2, np.square(c))
 
 
 @pytest.mark.parametrize("name", tiered(["resnext11_8x4d", "shufflenet_g8_w1"], fast=["resnext11_8x4d"]))

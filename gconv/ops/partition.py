@@ -82,8 +82,8 @@ def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     statistics). With the batch split over the mesh's `data` axis, each example's two moments over its positions
     are stacked and averaged over the batch as one array, which crosses the devices once, not twice (a step of a
     small model on many devices costs mostly such exchanges); otherwise two reductions, which XLA fuses into one
-    pass over `x`."""
-    if mesh_sizes().get(DATA, 1) == 1:
+    pass over `x` (and for `x: (C,)`, which has no batch axis to split)."""
+    if x.ndim < 2 or mesh_sizes().get(DATA, 1) == 1:
         axes = tuple(range(x.ndim - 1))
         return x.mean(axes), jax.lax.square(x).mean(axes)
     inner = tuple(range(1, x.ndim - 1))
