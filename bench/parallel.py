@@ -1,30 +1,33 @@
 """Training speed of gconv's parallel setups, before and after a change, side by side in one run.
 
-    python bench/parallel.py [--before REV] [--after REV] [--steps 60] [--repeats 6] [--json OUT]
+    python bench/parallel.py [--before REV] [--after REV] [--steps 400] [--rounds 6] [--slice 2] [--json OUT]
 
 `--before` (default: the commit before the one that made parallelism declared) is checked out beside the working
 tree (`git worktree`, removed at the end); so is `--after` when given (default: the working tree itself). For each
-setup, `launch.py` trains the default experiment's local point c2 on 8 simulated CPU devices with each tree in
-turn, `--repeats` pairs of runs; a run's speed is its summary's `img_per_sec` (the median over its log intervals
-after the first, which includes compilation). The pairs alternate their order (before-after, after-before, ...), so
-that a machine whose speed drifts during the benchmark (a shared VM) favours neither side, and each pair's ratio
-compares two runs made one after the other. Prints the median steps/s of each side, the ratio of the medians and
-the median of the pairs' ratios (with their range).
+setup and round, `launch.py` trains the default experiment's local point c2 on 8 simulated CPU devices in both
+trees at once, as two processes that take turns: each is stopped (SIGSTOP) once it has compiled and written its
+first log record; then one runs while the other is stopped, swapping every `--slice` seconds, until one of them
+has logged its last step. A machine whose speed drifts (a shared VM: 5-20 % within minutes) so slows both sides
+alike. A side's speed is the steps between two of its log records over the time it ran between them (a record is
+seen within 10 ms: the bench polls the running side's `metrics.jsonl`). Prints each side's steps/s (the median
+over rounds) and after/before (the median of the rounds' ratios, with their range).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BEFORE = "8f35f15"  # the last commit with models that split themselves (shard_map steps)
-BATCH = 64
+BATCH, LOG_EVERY, POLL = 64, 10, 0.01
 SETUPS = {  # name: launch.py overrides
     "one device": ["--config.mesh.data=1"],
     "data=8": ["--config.mesh.data=8"],
@@ -34,26 +37,91 @@ SETUPS = {  # name: launch.py overrides
 }
 
 
-def _speed(tree: Path, overrides: list[str], steps: int, workdir: Path) -> float:
-    """Steps per second of one `launch.py` run in `tree` (members: the group's steps, K runs each)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "GCONV_AUTOTUNE": "0", "PYTHONPATH": str(tree)}
-    args = [sys.executable, "launch.py", "--config", "experiments/default.py:local", "--point", "c2",
-            "--skip_analysis", "--workdir", str(workdir), f"--config.num_steps={steps}",
-            f"--config.data.batch_size={BATCH}", "--config.log_every_steps=10", f"--config.eval_every_steps={steps}",
-            f"--config.checkpoint_every_steps={steps}", *overrides]
-    with open(workdir.parent / f"{workdir.name}.log", "w") as log:
-        subprocess.run(args, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-    summaries = sorted(workdir.glob("*/summary.json"))
-    return statistics.mean(json.loads(s.read_text())["img_per_sec"] for s in summaries) / BATCH
+class Side:
+    """One `launch.py` run of a tree, stopped and continued as a process group; `marks`: (log records, seconds run)
+    each time a new record was seen."""
+
+    def __init__(self, tree: Path, overrides: list[str], steps: int, workdir: Path):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+               "GCONV_AUTOTUNE": "0", "PYTHONPATH": str(tree)}
+        args = [sys.executable, "launch.py", "--config", "experiments/default.py:local", "--point", "c2",
+                "--skip_analysis", "--workdir", str(workdir), f"--config.num_steps={steps}",
+                f"--config.data.batch_size={BATCH}", f"--config.log_every_steps={LOG_EVERY}",
+                f"--config.eval_every_steps={steps}", f"--config.checkpoint_every_steps={steps}", *overrides]
+        self.workdir, self.last = workdir, steps // LOG_EVERY
+        self.log = workdir.parent / f"{workdir.name}.log"
+        with open(self.log, "w") as log:  # members log the same steps: the first member's records are counted
+            self.proc = subprocess.Popen(args, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.ran, self.marks, self.base, self.stopped, self.metrics = 0.0, [], 0, False, None
+
+    def records(self) -> int:
+        if self.proc.poll() not in (None, 0):
+            raise RuntimeError(f"launch.py failed (exit {self.proc.returncode}); its output: {self.log}")
+        self.metrics = self.metrics or next(iter(sorted(self.workdir.glob("*/metrics.jsonl"))), None)
+        return self.metrics.read_text().count('"img_per_sec"') if self.metrics else 0
+
+    def signal(self, stop: bool) -> None:
+        os.killpg(self.proc.pid, signal.SIGSTOP if stop else signal.SIGCONT)
+        self.stopped = stop
+
+    def run_for(self, seconds: float) -> None:
+        """Continues the run for `seconds` (or until its last record), marking each new record, then stops it."""
+        self.signal(stop=False)
+        start = time.monotonic()
+        while (elapsed := time.monotonic() - start) < seconds and self.records() < self.last:
+            self.mark(self.ran + elapsed)
+            time.sleep(POLL)
+        self.signal(stop=True)
+        self.ran += time.monotonic() - start
+        time.sleep(POLL)
+        self.mark(self.ran)  # a record written as it was being stopped
+
+    def mark(self, ran: float) -> None:
+        n = self.records()
+        if n > (self.marks[-1][0] if self.marks else self.base):
+            self.marks.append((n, ran))
+
+    def speed(self) -> float:
+        """Steps per second between the first and the last new record seen while the sides took turns."""
+        if len(self.marks) < 3:
+            raise RuntimeError(f"{len(self.marks)} log records seen while taking turns: raise --steps")
+        (n0, t0), (n1, t1) = self.marks[0], self.marks[-1]
+        return (n1 - n0) * LOG_EVERY / (t1 - t0)
+
+
+def _round(trees: list[Path], overrides: list[str], steps: int, slice_s: float, tmp: Path) -> list[float]:
+    """Steps/s of each tree's run, the two runs taking turns (see the module's docstring)."""
+    sides = [Side(tree, overrides, steps, tmp / f"side{i}") for i, tree in enumerate(trees)]
+    try:
+        while not all(s.stopped for s in sides):  # both compile at once; each stops at its first record
+            for s in sides:
+                if not s.stopped and s.records() >= 1:
+                    s.signal(stop=True)
+            time.sleep(POLL)
+        for s in sides:
+            s.base = s.records()
+        turn = 0
+        while all(s.records() < s.last for s in sides):
+            sides[turn].run_for(slice_s)
+            turn = 1 - turn
+        return [s.speed() for s in sides]
+    finally:
+        for s in sides:
+            if s.proc.poll() is None:
+                s.signal(stop=False)
+        for s in sides:
+            s.proc.wait()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default=BEFORE)
     parser.add_argument("--after", help="a revision instead of the working tree")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--slice", type=float, default=2.0, help="seconds each side runs at a turn")
+    parser.add_argument("--only", default="", help="the setups whose name holds this text")
     parser.add_argument("--json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gconv-bench-parallel-") as tmp:
@@ -64,19 +132,22 @@ def main() -> int:
                                capture_output=True)
         try:
             rows = {}
-            for name, overrides in SETUPS.items():
+            for name, overrides in ((n, o) for n, o in SETUPS.items() if args.only in n):
                 speeds = {"before": [], "after": []}
-                for r in range(args.repeats):
-                    sides = (("before", before), ("after", after))
-                    for side, tree in sides[::-1] if r % 2 else sides:
-                        workdir = Path(tmp) / f"{side}-{len(rows)}-{r}"
-                        speeds[side].append(_speed(tree, overrides, args.steps, workdir))
+                for r in range(args.rounds):  # which side starts (and runs first) alternates
+                    order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
+                    trees = {"before": before, "after": after}
+                    run_dir = Path(tmp) / f"{len(rows)}-{r}"
+                    run_dir.mkdir()
+                    for side, speed in zip(order, _round([trees[s] for s in order], overrides, args.steps,
+                                                         args.slice, run_dir)):
+                        speeds[side].append(speed)
                 b, a = statistics.median(speeds["before"]), statistics.median(speeds["after"])
-                pairs = sorted(x / y for x, y in zip(speeds["after"], speeds["before"]))
-                rows[name] = {"before": b, "after": a, "ratio": a / b, "pair_ratio": statistics.median(pairs),
+                ratios = sorted(x / y for x, y in zip(speeds["after"], speeds["before"]))
+                rows[name] = {"before": b, "after": a, "ratio": statistics.median(ratios), "ratios": ratios,
                               "runs": speeds}
-                print(f"{name:34s} before {b:7.2f} steps/s   after {a:7.2f} steps/s   after/before {a / b:.3f}   "
-                      f"pairs {statistics.median(pairs):.3f} ({pairs[0]:.3f}-{pairs[-1]:.3f})", flush=True)
+                print(f"{name:34s} before {b:7.2f} steps/s   after {a:7.2f} steps/s   after/before "
+                      f"{statistics.median(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f})", flush=True)
         finally:
             for tree in {before, after} - {ROOT}:
                 subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
