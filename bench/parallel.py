@@ -69,18 +69,19 @@ class Side:
         """Continues the run for `seconds` (or until its last record), marking each new record, then stops it."""
         self.signal(stop=False)
         start = time.monotonic()
-        while (elapsed := time.monotonic() - start) < seconds and self.records() < self.last:
-            self.mark(self.ran + elapsed)
+        while (elapsed := time.monotonic() - start) < seconds and self.mark(self.ran + elapsed) < self.last:
             time.sleep(POLL)
         self.signal(stop=True)
         self.ran += time.monotonic() - start
         time.sleep(POLL)
         self.mark(self.ran)  # a record written as it was being stopped
 
-    def mark(self, ran: float) -> None:
+    def mark(self, ran: float) -> int:
+        """Reads the record count once, marking it at `ran` seconds if it is new; returns it."""
         n = self.records()
         if n > (self.marks[-1][0] if self.marks else self.base):
             self.marks.append((n, ran))
+        return n
 
     def speed(self) -> float:
         """Steps per second between the first and the last new record seen while the sides took turns."""
