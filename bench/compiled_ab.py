@@ -1,0 +1,169 @@
+"""Two trees' compiled train steps, timed in one process, turn about: the step's program alone, without the loop.
+
+    python bench/compiled_ab.py [--before REV] [--after REV] [--blocks 40] [--steps 10] [launch.py overrides...]
+
+Each tree (`--before`, default the last commit with models that split themselves; `--after`, default the working
+tree) runs `launch.py` (the default experiment's local point c2, batch 64, 8 simulated CPU devices, data=4 x
+model=2 unless overrides say otherwise; a mesh of more than one device) until its 20th training step, then exports that step (`jax.export`, with
+its arguments' shardings) and its arguments to a file and stops. This process then loads both programs, compiles
+them and calls them in blocks of `--steps` steps, in turn (which one starts alternates), each on its own state.
+Prints the median ms/step of each, after/before (the median of the blocks' ratios, with their range) and each
+one's user and system CPU time per step. Two programs of one tree give 1.00 (bench/RESULTS.md).
+Needs `flatbuffers` (`pip install flatbuffers`: `jax.export`'s serialization).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BEFORE = "8f35f15"  # the last commit with models that split themselves (shard_map steps)
+CAPTURE_AT = 20
+DEFAULT = ["--config.mesh.data=4", "--config.mesh.model=2"]
+
+
+def capture(out: str, launch_args: list[str]) -> None:
+    """In a tree's `launch.py` process: exports the compiled train step at step `CAPTURE_AT` to `out`, then exits."""
+    import jax
+    import numpy as np
+
+    from gconv import parallel
+
+    compile_steps = parallel.compile_steps
+
+    def patched(*args, **kwargs):
+        train_fn, *rest = compile_steps(*args, **kwargs)
+        calls = [0]
+
+        def step(*step_args):
+            calls[0] += 1
+            if calls[0] < CAPTURE_AT:
+                return train_fn(*step_args)
+            leaves, treedef = jax.tree.flatten(step_args)
+            inner = getattr(train_fn, "jitted", train_fn)  # a MeshStep's jit, or the jit itself
+            outs = tuple(jax.tree.leaves(train_fn.lower(*step_args).compile().output_shardings))
+            flat = jax.jit(lambda *xs: tuple(jax.tree.leaves(inner(*jax.tree.unflatten(treedef, xs)))),
+                           in_shardings=tuple(x.sharding for x in leaves), out_shardings=outs)
+            mesh = leaves[0].sharding.mesh
+            with jax.set_mesh(mesh):
+                exported = jax.export.export(flat)(*leaves)
+            with open(out, "wb") as f:
+                pickle.dump({"exported": exported.serialize(), "args": [np.asarray(x) for x in leaves],
+                             "outputs": len(outs), "axes": mesh.axis_names, "shape": mesh.devices.shape,
+                             "devices": [d.id for d in mesh.devices.flat]}, f)
+            os._exit(0)
+
+        return (step, *rest)
+
+    parallel.compile_steps = patched
+    sys.argv = ["launch.py", *launch_args]
+    import runpy
+    runpy.run_path("launch.py", run_name="__main__")
+
+
+class Program:
+    """A captured step, compiled in this process, with its own state (donated and carried from call to call)."""
+
+    def __init__(self, path: Path):
+        import jax
+        import numpy as np
+        from jax.sharding import Mesh, NamedSharding
+
+        saved = pickle.loads(path.read_bytes())
+        exported = jax.export.deserialize(saved["exported"])
+        by_id = {d.id: d for d in jax.devices()}
+        mesh = Mesh(np.array([by_id[i] for i in saved["devices"]]).reshape(saved["shape"]), saved["axes"])
+        shardings = [s if s is None else NamedSharding(mesh, s.spec) for s in exported.in_shardings_jax(mesh)]
+        self.args = [jax.device_put(a, s) for a, s in zip(saved["args"], shardings)]
+        self.n_state = saved["outputs"] - 4  # the outputs: the state, then 4 metrics
+        self.compiled = jax.jit(exported.call, donate_argnums=tuple(range(self.n_state))).lower(*self.args).compile()
+        self.cpu: list[tuple[float, float]] = []
+
+    def run(self, steps: int) -> float:
+        """Seconds per step over `steps` calls (the last one's results waited for)."""
+        import jax
+
+        state, batch = self.args[:self.n_state], self.args[self.n_state:]
+        start, cpu = time.perf_counter(), os.times()
+        for _ in range(steps):
+            out = self.compiled(*state, *batch)
+            state = list(out[:self.n_state])
+        jax.block_until_ready(out)
+        end = os.times()
+        self.args = state + batch
+        self.cpu.append(((end.user - cpu.user) / steps, (end.system - cpu.system) / steps))
+        return (time.perf_counter() - start) / steps
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", default=BEFORE)
+    parser.add_argument("--after", help="a revision instead of the working tree")
+    parser.add_argument("--blocks", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--capture", help=argparse.SUPPRESS)  # internal: the capturing side
+    args, overrides = parser.parse_known_args()
+    if args.capture:
+        capture(args.capture, overrides)
+        return 0
+    os.environ.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")  # before jax
+    try:
+        import flatbuffers  # noqa: F401  (only checked for)
+    except ImportError:
+        sys.exit("bench/compiled_ab.py needs flatbuffers (jax.export's serialization): pip install flatbuffers")
+    with tempfile.TemporaryDirectory(prefix="gconv-bench-ab-") as tmp:
+        trees = {"before": Path(tmp) / "before", "after": Path(tmp) / "after" if args.after else ROOT}
+        for side, rev in (("before", args.before), ("after", args.after)):
+            if trees[side] != ROOT:
+                subprocess.run(["git", "worktree", "add", "--detach", str(trees[side]), rev], cwd=ROOT, check=True,
+                               capture_output=True)
+        try:
+            for side, tree in trees.items():
+                _capture_side(tree, Path(tmp), side, overrides or DEFAULT)
+            programs = {side: Program(Path(tmp) / f"{side}.pkl") for side in trees}
+            _compare(programs, args.blocks, args.steps)
+        finally:
+            for tree in set(trees.values()) - {ROOT}:
+                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+    return 0
+
+
+def _capture_side(tree: Path, tmp: Path, side: str, overrides: list[str]) -> None:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "GCONV_AUTOTUNE": "0", "PYTHONPATH": str(tree)}
+    log = tmp / f"{side}.log"
+    steps = 4 * CAPTURE_AT
+    with open(log, "w") as out:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--capture", str(tmp / f"{side}.pkl"),
+                               "--config", "experiments/default.py:local", "--point", "c2", "--skip_analysis",
+                               "--workdir", str(tmp / f"run-{side}"), f"--config.num_steps={steps}",
+                               "--config.data.batch_size=64", f"--config.eval_every_steps={steps}",
+                               f"--config.checkpoint_every_steps={steps}", *overrides],
+                              cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode or not (tmp / f"{side}.pkl").exists():
+        sys.exit(f"capturing {side}'s step failed (exit {proc.returncode}): {log.read_text()[-2000:]}")
+
+
+def _compare(programs: dict, blocks: int, steps: int) -> None:
+    for p in programs.values():  # warm up
+        p.run(5)
+    times = {side: [] for side in programs}
+    for i in range(blocks):
+        for side in (("before", "after") if i % 2 == 0 else ("after", "before")):
+            times[side].append(programs[side].run(steps))
+    ratios = sorted(b / a for b, a in zip(times["before"], times["after"]))  # after's speed / before's
+    for side, p in programs.items():
+        print(f"{side:6s} {statistics.median(times[side]) * 1e3:7.2f} ms/step   CPU: user "
+              f"{statistics.median(u for u, _ in p.cpu) * 1e3:6.2f}, system {statistics.median(s for _, s in p.cpu) * 1e3:6.2f} ms/step")
+    print(f"after/before {statistics.median(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f}), {blocks} blocks of {steps} steps")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
