@@ -3,10 +3,11 @@
     python bench/compiled_ab.py [--before REV] [--after REV] [--blocks 40] [--steps 10] [launch.py overrides...]
 
 Each tree (`--before`, default the last commit with models that split themselves; `--after`, default the working
-tree) runs `launch.py` (the default experiment's local point c2, batch 64, 8 simulated CPU devices, data=4 x
-model=2 unless overrides say otherwise; a mesh of more than one device) until its 20th training step, then exports that step (`jax.export`, with
-its arguments' shardings) and its arguments to a file and stops. This process then loads both programs, compiles
-them and calls them in blocks of `--steps` steps, in turn (which one starts alternates), each on its own state.
+tree) runs `launch.py` (bench/parallel.py's run: the default experiment's local point c2, batch 64, 8 simulated
+CPU devices; data=4 x model=2 unless overrides give another mesh of more than one device) until its 20th training
+step, then exports that step (`jax.export`, with its arguments' shardings) and its arguments to a file and stops.
+This process then loads both programs, compiles them and calls them in blocks of `--steps` steps, in turn (which
+one starts alternates), each on its own state.
 Prints the median ms/step of each, after/before (the median of the blocks' ratios, with their range) and each
 one's user and system CPU time per step. Two programs of one tree give 1.00 (bench/RESULTS.md).
 Needs `flatbuffers` (`pip install flatbuffers`: `jax.export`'s serialization).
@@ -23,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BEFORE = "8f35f15"  # the last commit with models that split themselves (shard_map steps)
+from parallel import BEFORE, checked_out, launch_args, tree_env  # bench/parallel.py: the same runs and trees
+
 CAPTURE_AT = 20
 DEFAULT = ["--config.mesh.data=4", "--config.mesh.model=2"]
 
@@ -56,7 +57,8 @@ def capture(out: str, launch_args: list[str]) -> None:
                 exported = jax.export.export(flat)(*leaves)
             with open(out, "wb") as f:
                 pickle.dump({"exported": exported.serialize(), "args": [np.asarray(x) for x in leaves],
-                             "outputs": len(outs), "axes": mesh.axis_names, "shape": mesh.devices.shape,
+                             "state": len(jax.tree.leaves(step_args[0])), "axes": mesh.axis_names,
+                             "shape": mesh.devices.shape,
                              "devices": [d.id for d in mesh.devices.flat]}, f)
             os._exit(0)
 
@@ -82,7 +84,7 @@ class Program:
         mesh = Mesh(np.array([by_id[i] for i in saved["devices"]]).reshape(saved["shape"]), saved["axes"])
         shardings = [s if s is None else NamedSharding(mesh, s.spec) for s in exported.in_shardings_jax(mesh)]
         self.args = [jax.device_put(a, s) for a, s in zip(saved["args"], shardings)]
-        self.n_state = saved["outputs"] - 4  # the outputs: the state, then 4 metrics
+        self.n_state = saved["state"]  # the arguments and the outputs begin with the state's leaves
         self.compiled = jax.jit(exported.call, donate_argnums=tuple(range(self.n_state))).lower(*self.args).compile()
         self.cpu: list[tuple[float, float]] = []
 
@@ -118,35 +120,20 @@ def main() -> int:
         import flatbuffers  # noqa: F401  (only checked for)
     except ImportError:
         sys.exit("bench/compiled_ab.py needs flatbuffers (jax.export's serialization): pip install flatbuffers")
-    with tempfile.TemporaryDirectory(prefix="gconv-bench-ab-") as tmp:
-        trees = {"before": Path(tmp) / "before", "after": Path(tmp) / "after" if args.after else ROOT}
-        for side, rev in (("before", args.before), ("after", args.after)):
-            if trees[side] != ROOT:
-                subprocess.run(["git", "worktree", "add", "--detach", str(trees[side]), rev], cwd=ROOT, check=True,
-                               capture_output=True)
-        try:
-            for side, tree in trees.items():
-                _capture_side(tree, Path(tmp), side, overrides or DEFAULT)
-            programs = {side: Program(Path(tmp) / f"{side}.pkl") for side in trees}
-            _compare(programs, args.blocks, args.steps)
-        finally:
-            for tree in set(trees.values()) - {ROOT}:
-                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+    with tempfile.TemporaryDirectory(prefix="gconv-bench-ab-") as tmp, \
+            checked_out(Path(tmp), args.before, args.after) as trees:
+        for side, tree in trees.items():
+            _capture_side(tree, Path(tmp), side, overrides or DEFAULT)
+        _compare({side: Program(Path(tmp) / f"{side}.pkl") for side in trees}, args.blocks, args.steps)
     return 0
 
 
 def _capture_side(tree: Path, tmp: Path, side: str, overrides: list[str]) -> None:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "GCONV_AUTOTUNE": "0", "PYTHONPATH": str(tree)}
-    log = tmp / f"{side}.log"
-    steps = 4 * CAPTURE_AT
+    log, steps = tmp / f"{side}.log", 4 * CAPTURE_AT
     with open(log, "w") as out:
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--capture", str(tmp / f"{side}.pkl"),
-                               "--config", "experiments/default.py:local", "--point", "c2", "--skip_analysis",
-                               "--workdir", str(tmp / f"run-{side}"), f"--config.num_steps={steps}",
-                               "--config.data.batch_size=64", f"--config.eval_every_steps={steps}",
-                               f"--config.checkpoint_every_steps={steps}", *overrides],
-                              cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT)
+                               *launch_args(tmp / f"run-{side}", steps), *overrides],
+                              cwd=tree, env=tree_env(tree), stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode or not (tmp / f"{side}.pkl").exists():
         sys.exit(f"capturing {side}'s step failed (exit {proc.returncode}): {log.read_text()[-2000:]}")
 
@@ -160,9 +147,11 @@ def _compare(programs: dict, blocks: int, steps: int) -> None:
             times[side].append(programs[side].run(steps))
     ratios = sorted(b / a for b, a in zip(times["before"], times["after"]))  # after's speed / before's
     for side, p in programs.items():
-        print(f"{side:6s} {statistics.median(times[side]) * 1e3:7.2f} ms/step   CPU: user "
-              f"{statistics.median(u for u, _ in p.cpu) * 1e3:6.2f}, system {statistics.median(s for _, s in p.cpu) * 1e3:6.2f} ms/step")
-    print(f"after/before {statistics.median(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f}), {blocks} blocks of {steps} steps")
+        user, system = (statistics.median(c[i] for c in p.cpu) * 1e3 for i in (0, 1))
+        print(f"{side:6s} {statistics.median(times[side]) * 1e3:7.2f} ms/step   CPU: user {user:6.2f}, system "
+              f"{system:6.2f} ms/step")
+    print(f"after/before {statistics.median(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f}), {blocks} blocks of "
+          f"{steps} steps")
 
 
 if __name__ == "__main__":

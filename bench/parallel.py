@@ -15,6 +15,7 @@ over rounds) and after/before (the median of the rounds' ratios, with their rang
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -37,21 +38,45 @@ SETUPS = {  # name: launch.py overrides
 }
 
 
+def tree_env(tree: Path) -> dict:
+    """The environment of a tree's `launch.py`: 8 simulated CPU devices, the static lowering rule, `tree`'s gconv."""
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+            "GCONV_AUTOTUNE": "0", "PYTHONPATH": str(tree)}
+
+
+def launch_args(workdir: Path, steps: int) -> list[str]:
+    """`launch.py`'s arguments for `steps` steps of the default experiment's local point c2 in `workdir`."""
+    return ["--config", "experiments/default.py:local", "--point", "c2", "--skip_analysis", "--workdir", str(workdir),
+            f"--config.num_steps={steps}", f"--config.data.batch_size={BATCH}", f"--config.log_every_steps={LOG_EVERY}",
+            f"--config.eval_every_steps={steps}", f"--config.checkpoint_every_steps={steps}"]
+
+
+@contextlib.contextmanager
+def checked_out(tmp: Path, before: str, after: str | None):
+    """`{"before": tree, "after": tree}`: `before` checked out in `tmp` (`git worktree`), `after` too when given
+    (else the working tree); the worktrees are removed on exit."""
+    trees = {"before": tmp / "before", "after": tmp / "after" if after else ROOT}
+    try:
+        for side, rev in (("before", before), ("after", after)):
+            if trees[side] != ROOT:
+                subprocess.run(["git", "worktree", "add", "--detach", str(trees[side]), rev], cwd=ROOT, check=True,
+                               capture_output=True)
+        yield trees
+    finally:
+        for tree in set(trees.values()) - {ROOT}:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+
+
 class Side:
     """One `launch.py` run of a tree, stopped and continued as a process group; `marks`: (log records, seconds run)
     each time a new record was seen."""
 
     def __init__(self, tree: Path, overrides: list[str], steps: int, workdir: Path):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-               "GCONV_AUTOTUNE": "0", "PYTHONPATH": str(tree)}
-        args = [sys.executable, "launch.py", "--config", "experiments/default.py:local", "--point", "c2",
-                "--skip_analysis", "--workdir", str(workdir), f"--config.num_steps={steps}",
-                f"--config.data.batch_size={BATCH}", f"--config.log_every_steps={LOG_EVERY}",
-                f"--config.eval_every_steps={steps}", f"--config.checkpoint_every_steps={steps}", *overrides]
+        args = [sys.executable, "launch.py", *launch_args(workdir, steps), *overrides]
         self.workdir, self.last = workdir, steps // LOG_EVERY
         self.log = workdir.parent / f"{workdir.name}.log"
         with open(self.log, "w") as log:  # members log the same steps: the first member's records are counted
-            self.proc = subprocess.Popen(args, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(args, cwd=tree, env=tree_env(tree), stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         self.ran, self.marks, self.base, self.stopped, self.metrics = 0.0, [], 0, False, None
 
@@ -125,33 +150,24 @@ def main() -> int:
     parser.add_argument("--only", default="", help="the setups whose name holds this text")
     parser.add_argument("--json")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="gconv-bench-parallel-") as tmp:
-        before, after = Path(tmp) / "before", Path(tmp) / "after" if args.after else ROOT
-        for tree, rev in ((before, args.before), (after, args.after)):
-            if tree != ROOT:
-                subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, check=True,
-                               capture_output=True)
-        try:
-            rows = {}
-            for name, overrides in ((n, o) for n, o in SETUPS.items() if args.only in n):
-                speeds = {"before": [], "after": []}
-                for r in range(args.rounds):  # which side starts (and runs first) alternates
-                    order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
-                    trees = {"before": before, "after": after}
-                    run_dir = Path(tmp) / f"{len(rows)}-{r}"
-                    run_dir.mkdir()
-                    for side, speed in zip(order, _round([trees[s] for s in order], overrides, args.steps,
-                                                         args.slice, run_dir)):
-                        speeds[side].append(speed)
-                b, a = statistics.median(speeds["before"]), statistics.median(speeds["after"])
-                ratios = sorted(x / y for x, y in zip(speeds["after"], speeds["before"]))
-                rows[name] = {"before": b, "after": a, "ratio": statistics.median(ratios), "ratios": ratios,
-                              "runs": speeds}
-                print(f"{name:34s} before {b:7.2f} steps/s   after {a:7.2f} steps/s   after/before "
-                      f"{statistics.median(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f})", flush=True)
-        finally:
-            for tree in {before, after} - {ROOT}:
-                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+    with tempfile.TemporaryDirectory(prefix="gconv-bench-parallel-") as tmp, \
+            checked_out(Path(tmp), args.before, args.after) as trees:
+        rows = {}
+        for name, overrides in ((n, o) for n, o in SETUPS.items() if args.only in n):
+            speeds = {"before": [], "after": []}
+            for r in range(args.rounds):  # which side starts (and runs first) alternates
+                order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
+                run_dir = Path(tmp) / f"{len(rows)}-{r}"
+                run_dir.mkdir()
+                for side, speed in zip(order, _round([trees[s] for s in order], overrides, args.steps, args.slice,
+                                                     run_dir)):
+                    speeds[side].append(speed)
+            b, a = statistics.median(speeds["before"]), statistics.median(speeds["after"])
+            ratios = sorted(x / y for x, y in zip(speeds["after"], speeds["before"]))
+            rows[name] = {"before": b, "after": a, "ratio": statistics.median(ratios), "ratios": ratios,
+                          "runs": speeds}
+            print(f"{name:34s} before {b:7.2f} steps/s   after {a:7.2f} steps/s   after/before "
+                  f"{statistics.median(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f})", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
