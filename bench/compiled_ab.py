@@ -1,6 +1,7 @@
 """Two trees' compiled train steps, timed in one process, turn about: the step's program alone, without the loop.
 
-    python bench/compiled_ab.py [--before REV] [--after REV] [--blocks 40] [--steps 10] [launch.py overrides...]
+    python bench/compiled_ab.py [--before REV] [--after REV] [--blocks 40] [--steps 10] [--profile N]
+                                [launch.py overrides...]
 
 Each tree (`--before`, default the last commit with models that split themselves; `--after`, default the working
 tree) runs `launch.py` (bench/parallel.py's run: the default experiment's local point c2, batch 64, 8 simulated
@@ -10,13 +11,21 @@ This process then loads both programs, compiles them and calls them in blocks of
 one starts alternates), each on its own state.
 Prints the median ms/step of each, after/before (the median of the blocks' ratios, with their range) and each
 one's user and system CPU time per step. Two programs of one tree give 1.00 (bench/RESULTS.md).
+`--profile N` then traces N more steps of each (`jax.profiler`, with XLA's CPU runtime timing each HLO op) and prints
+where their time differs: each op's time summed over the devices, per step, grouped by the model path or function
+that emitted it (before, after, after - before; collectives and loops left out, as they hold waiting).
 Needs `flatbuffers` (`pip install flatbuffers`: `jax.export`'s serialization).
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
+import json
 import os
 import pickle
+import re
 import statistics
 import subprocess
 import sys
@@ -110,12 +119,14 @@ def main() -> int:
     parser.add_argument("--after", help="a revision instead of the working tree")
     parser.add_argument("--blocks", type=int, default=40)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="trace N steps of each: where time differs")
     parser.add_argument("--capture", help=argparse.SUPPRESS)  # internal: the capturing side
     args, overrides = parser.parse_known_args()
     if args.capture:
         capture(args.capture, overrides)
         return 0
-    os.environ.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")  # before jax
+    traceme = " --xla_cpu_enable_xprof_traceme=true" if args.profile else ""  # per-op trace events
+    os.environ.update(XLA_FLAGS="--xla_force_host_platform_device_count=8" + traceme, JAX_PLATFORMS="cpu")  # before jax
     try:
         import flatbuffers  # noqa: F401  (only checked for)
     except ImportError:
@@ -124,7 +135,10 @@ def main() -> int:
             checked_out(Path(tmp), args.before, args.after) as trees:
         for side, tree in trees.items():
             _capture_side(tree, Path(tmp), side, overrides or DEFAULT)
-        _compare({side: Program(Path(tmp) / f"{side}.pkl") for side in trees}, args.blocks, args.steps)
+        programs = {side: Program(Path(tmp) / f"{side}.pkl") for side in trees}
+        _compare(programs, args.blocks, args.steps)
+        if args.profile:
+            _profile(programs, args.profile, Path(tmp))
     return 0
 
 
@@ -152,6 +166,44 @@ def _compare(programs: dict, blocks: int, steps: int) -> None:
               f"{system:6.2f} ms/step")
     print(f"after/before {statistics.median(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f}), {blocks} blocks of "
           f"{steps} steps")
+
+
+def _profile(programs: dict, steps: int, tmp: Path, rows: int = 20) -> None:
+    import jax
+
+    times = {}
+    for side, p in programs.items():
+        with jax.profiler.trace(str(tmp / f"trace-{side}"), create_perfetto_trace=True):
+            p.run(steps)
+        times[side] = _op_times(p, next(iter(glob.glob(f"{tmp}/trace-{side}/**/*.trace.json.gz", recursive=True))),
+                                steps)
+    groups = sorted(set(times["before"]) | set(times["after"]),
+                    key=lambda g: -abs(times["after"].get(g, 0) - times["before"].get(g, 0)))
+    print(f"\nop time per step, summed over devices (us): {'before':>9s} {'after':>9s} {'after - before':>15s}")
+    for g in groups[:rows]:
+        b, a = times["before"].get(g, 0.0), times["after"].get(g, 0.0)
+        print(f"  {g[:60]:60s} {b:9.0f} {a:9.0f} {a - b:+15.0f}")
+    print(f"  {'all':60s} {sum(times['before'].values()):9.0f} {sum(times['after'].values()):9.0f}")
+
+
+def _op_times(program, trace: str, steps: int) -> dict[str, float]:
+    """`{model path or function: us per step}` of the compiled ops in a trace, summed over the devices."""
+    emitted = dict(re.findall(r"^\s+(?:ROOT )?%([\w.\-]+) = .*?op_name=\"([^\"]*)\"", program.compiled.as_text(), re.M))
+    times = collections.defaultdict(float)
+    with gzip.open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    for e in events:
+        op = e.get("args", {}).get("hlo_op") if e.get("ph") == "X" else None
+        if op and not e["name"].startswith("end:") and not re.match(r"(all-reduce|psum|all-gather|while)", op):
+            times[_group(emitted.get(op, "?"))] += e["dur"] / steps
+    return dict(times)
+
+
+def _group(op_name: str) -> str:
+    """`jit(call)/.../transpose(jvp(ResNeXt))/stage1/block0/conv_reduce/dot_general` -> `backward stage1/block0/
+    conv_reduce`: the pass and the module path, or the function for ops outside the model (`forward add`)."""
+    parts = [p for p in op_name.split("/") if not re.search(r"[()]", p) and p not in ("call_exported", "shard_map")]
+    return ("backward " if "transpose(" in op_name else "forward ") + "/".join(parts[:-1] or parts)
 
 
 if __name__ == "__main__":
